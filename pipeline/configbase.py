@@ -1,0 +1,16 @@
+"""Base class for typed config sections.
+
+Every section of a run's config is a `StrictModel`: unknown keys are errors (a typo never goes
+silently unused), and a validated config is frozen (nothing changes it behind the trainer's
+back). Each component declares its own section next to its code and documents every field there.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys rejected, immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)

@@ -1,0 +1,223 @@
+"""`data-prep`: turn images into WebDataset shards with manifests, and check them.
+
+    data-prep digits OUT      sklearn's 8x8 digits, upscaled, with labels (the default data set)
+    data-prep images SRC OUT  a directory tree of image files, resized and centre-cropped
+    data-prep verify OUT      check shards against their manifests
+
+Output: ``OUT/train/shard-000000.tar ...`` and ``OUT/test/...`` (only with a test fraction or a
+holdout), each split with its ``manifest.json``. `main` returns the exit status: 0 success,
+1 problems found by verify, 2 a user error (printed as one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from data_prep import sources
+from data_prep.writer import Sample, StagedOutput, write_split
+from pipeline.errors import UserError
+from pipeline.manifest import MANIFEST_NAME
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be at most 100, got {value}")
+    return value
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may use (Slurm, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data-prep", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    digits = commands.add_parser("digits", help="sklearn's 8x8 digits as shards (with labels)")
+    digits.add_argument("out", metavar="OUT", help="output directory")
+    digits.add_argument("--size", type=_int_at_least(1), default=32, help="image side (default 32)")
+    digits.add_argument("--test-fraction", type=_fraction, default=0.2,
+                        help="fraction held out as the test split (default 0.2)")
+    digits.add_argument("--samples-per-shard", type=_int_at_least(1), default=100)
+    digits.add_argument("--seed", type=int, default=0, help="seed of the split and order")
+    digits.add_argument("--overwrite", action="store_true", help="replace existing splits in OUT")
+
+    images = commands.add_parser("images", help="a directory tree of images as shards")
+    images.add_argument("src", metavar="SRC", help="directory searched recursively for images")
+    images.add_argument("out", metavar="OUT", help="output directory")
+    images.add_argument("--size", type=_int_at_least(1), default=256,
+                        help="image side (default 256)")
+    images.add_argument("--holdout", type=_fraction, default=0.0,
+                        help="fraction of files held out as the test split (default 0)")
+    images.add_argument("--mode", choices=("RGB", "L"), default="RGB")
+    images.add_argument("--format", choices=("jpg", "png", "webp"), default="jpg",
+                        help="encoding of the stored images (default jpg)")
+    images.add_argument("--quality", type=_quality, default=95,
+                        help="jpg/webp quality (default 95)")
+    images.add_argument("--samples-per-shard", type=_int_at_least(1), default=1000)
+    images.add_argument("--workers", type=_int_at_least(1), default=None,
+                        help="decoding processes (default: the CPUs available)")
+    images.add_argument("--seed", type=int, default=0, help="seed of the holdout and order")
+    images.add_argument("--overwrite", action="store_true", help="replace existing splits in OUT")
+
+    verify = commands.add_parser("verify", help="check shards against their manifests")
+    verify.add_argument("out", metavar="OUT", help="output directory, or one split directory")
+    verify.add_argument("--no-decode", action="store_true",
+                        help="skip decoding every image (files, sizes, hashes, counts only)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "digits":
+            return run_digits(args)
+        if args.command == "images":
+            return run_images(args)
+        return run_verify(args)
+    except UserError as exc:
+        print(f"data-prep: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+
+
+def _report(manifest, directory: Path) -> None:
+    count = len(manifest.shards)
+    print(f"{manifest.split}: {manifest.num_samples} samples in {count} "
+          f"shard{'s' if count != 1 else ''} -> {directory}")
+
+
+def run_digits(args: argparse.Namespace) -> int:
+    splits = ["train"] + (["test"] if args.test_fraction > 0 else [])
+    output = StagedOutput(args.out, splits, args.overwrite)
+    try:
+        samples = sources.digits_splits(args.size, args.test_fraction, args.seed)
+        manifests = {
+            split: write_split(samples[split], output.path(split), split=split,
+                               image_size=args.size, channels=1, encoding="png",
+                               samples_per_shard=args.samples_per_shard,
+                               source=sources.DIGITS_SOURCE, num_classes=10)
+            for split in splits
+        }
+        finals = output.commit()
+    except BaseException:
+        output.discard()
+        raise
+    for split in splits:
+        _report(manifests[split], finals[split])
+    return 0
+
+
+def run_images(args: argparse.Namespace) -> int:
+    src = Path(args.src)
+    if not src.exists():
+        raise UserError(f"{src}: source directory does not exist")
+    if not src.is_dir():
+        raise UserError(f"{src}: source is not a directory")
+    paths = sources.find_images(src)
+    if not paths:
+        raise UserError(f"{src}: no image files ({', '.join(sources.IMAGE_EXTENSIONS)}) found")
+    split_of = {path: sources.assign_split(path, args.holdout, args.seed) for path in paths}
+    splits = ["train"] + (["test"] if args.holdout > 0 else [])
+    workers = max(1, min(args.workers or _default_workers(), len(paths)))
+    decode = functools.partial(sources.decode_file, str(src), size=args.size, mode=args.mode,
+                               encoding=args.format, quality=args.quality)
+    output = StagedOutput(args.out, splits, args.overwrite)
+    pool = None
+    try:
+        if workers > 1:
+            # spawn: workers never inherit the parent's threads or locks (torch, pytest, ...)
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+        manifests = {}
+        for split in splits:
+            order = sources.shuffled([p for p in paths if split_of[p] == split], args.seed)
+            skipped: list[dict] = []
+            samples = _decoded(order, decode, pool, workers, skipped)
+            manifests[split] = write_split(
+                samples, output.path(split), split=split, image_size=args.size,
+                channels=1 if args.mode == "L" else 3, encoding=args.format,
+                samples_per_shard=args.samples_per_shard, source=str(src.resolve()),
+                skipped=skipped)
+        if sum(m.num_samples for m in manifests.values()) == 0:
+            raise UserError(f"{src}: none of the {len(paths)} image files could be read "
+                            f"(first: {paths[0]})")
+        finals = output.commit()
+    except BaseException:
+        output.discard()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    for split in splits:
+        _report(manifests[split], finals[split])
+    skipped_in = [split for split in splits if manifests[split].skipped]
+    if skipped_in:
+        total = sum(len(manifests[split].skipped) for split in skipped_in)
+        where = ", ".join(str(finals[split] / MANIFEST_NAME) for split in skipped_in)
+        print(f"skipped {total} unreadable file{'s' if total != 1 else ''} (see {where})")
+    return 0
+
+
+def _decoded(order: list[str], decode, pool, workers: int, skipped: list[dict]) -> Iterator[Sample]:
+    """Samples of the decodable files of `order`, in that order; the others go to `skipped`."""
+    if pool is None:
+        results = (decode(path) for path in order)
+    else:
+        # imap keeps the input order whatever the workers' speed: deterministic output
+        chunk = max(1, min(32, len(order) // (8 * workers) or 1))
+        results = pool.imap(decode, order, chunksize=chunk)
+    for path, data, reason in results:
+        if data is None:
+            skipped.append({"path": path, "reason": reason})
+        else:
+            yield Sample(image=data, source=path)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from data_prep.verify import verify
+
+    split_dirs, problems = verify(args.out, decode=not args.no_decode)
+    for line in problems:
+        print(line)
+    names = ", ".join(str(d) for d in split_dirs)
+    if problems:
+        print(f"verify: {len(problems)} problem{'s' if len(problems) != 1 else ''} in {names}")
+        return 1
+    print(f"verify: ok ({names})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Where images come from: the embedded digits set, and a directory tree of image files.
+
+Everything here is a pure function of its inputs and the seed, so that the same source and the
+same arguments give the same samples in the same order. `decode_file` runs in worker processes:
+it takes plain arguments, never raises for a bad file, and returns the encoded image or a short
+reason why the file was skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from data_prep.writer import Sample, encode_image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+DIGITS_SOURCE = "sklearn.datasets.load_digits"
+
+
+# --- digits -------------------------------------------------------------------------------------
+
+
+def digits_splits(size: int, test_fraction: float, seed: int) -> dict[str, list[Sample]]:
+    """sklearn's 1797 8x8 digits as `size`x`size` PNG samples with labels, split by the seed.
+
+    Values 0..16 are scaled to 0..255 and upscaled bicubically in float, then rounded and clipped,
+    so the interpolation's overshoot never wraps around. Each split is in the seeded permutation's
+    order, which mixes the classes across shards.
+    """
+    from sklearn.datasets import load_digits  # heavy import, only for this command
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) * (255.0 / 16.0)
+    labels = digits.target.astype(int)
+    order = np.random.default_rng(seed).permutation(len(images))
+    num_test = int(round(len(images) * test_fraction))
+    chosen = {"test": order[:num_test], "train": order[num_test:]}
+    splits: dict[str, list[Sample]] = {}
+    for split, indices in chosen.items():
+        if split == "test" and test_fraction <= 0:
+            continue
+        splits[split] = [
+            Sample(image=encode_image(_upscale_gray(images[i], size), "png"),
+                   source=f"sklearn.digits/{int(i)}", label=int(labels[i]))
+            for i in indices
+        ]
+    return splits
+
+
+def _upscale_gray(values: np.ndarray, size: int) -> Image.Image:
+    resized = Image.fromarray(values.astype(np.float32)).resize((size, size),
+                                                                Image.Resampling.BICUBIC)
+    pixels = np.clip(np.rint(np.asarray(resized)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+# --- image trees --------------------------------------------------------------------------------
+
+
+def find_images(root: str | os.PathLike) -> list[str]:
+    """Relative POSIX paths of the image files under `root`, recursively, sorted.
+
+    Files are recognised by extension (case-insensitive); whether they really are images is
+    found out when they are decoded. Hidden directories (``.git``, staging) are not entered.
+    """
+    root = Path(root)
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in files:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append((Path(directory) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def assign_split(relative_path: str, holdout: float, seed: int) -> str:
+    """"test" for a stable fraction `holdout` of paths, "train" for the rest.
+
+    A hash of (seed, path) decides for each file alone, so adding or removing files never moves
+    another file from one split to the other.
+    """
+    if holdout <= 0:
+        return "train"
+    digest = hashlib.sha256(f"{seed}\0{relative_path}".encode("utf-8", "surrogateescape")).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2.0**64 < holdout else "train"
+
+
+def shuffled(paths: list[str], seed: int) -> list[str]:
+    """`paths` in a seeded order, so that shards mix folders (and so classes)."""
+    order = sorted(paths)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def decode_file(root: str, relative_path: str, size: int, mode: str, encoding: str,
+                quality: int) -> tuple[str, bytes | None, str | None]:
+    """(relative_path, encoded bytes, None) for a good image, (relative_path, None, reason) else."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never padded with grey
+    try:
+        with warnings.catch_warnings():
+            # over MAX_IMAGE_PIXELS warns, over twice that PIL raises DecompressionBombError
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(os.path.join(root, relative_path)) as image:
+                if image.format == "JPEG":
+                    image.draft(None, (size, size))  # decode at reduced scale, still >= size
+                image.load()
+                converted = to_8bit(ImageOps.exif_transpose(image), mode)
+        encoded = encode_image(resize_center_crop(converted, size), encoding, quality)
+        return relative_path, encoded, None
+    except UnidentifiedImageError:
+        return relative_path, None, "not a recognised image file"
+    except Image.DecompressionBombError as exc:
+        return relative_path, None, f"decompression bomb: {_first_line(exc)}"
+    except Exception as exc:  # PIL raises many types for corrupt files; none may stop the run
+        message = _first_line(exc)
+        if "truncated" in message.lower() or isinstance(exc, EOFError):
+            return relative_path, None, f"truncated image: {message}"
+        return relative_path, None, f"{type(exc).__name__}: {message}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def to_8bit(image: Image.Image, mode: str) -> Image.Image:
+    """Any PIL mode as 8-bit "RGB" or "L".
+
+    Transparency (alpha, or a palette's transparent index) is composited on white; 16-bit modes
+    and 32-bit "I" are read as 16-bit (divided by 257); "F" is taken as 0..1 when it lies there,
+    as 0..255 when it lies there, else stretched from its min to its max; CMYK and YCbCr go
+    through PIL's conversion to RGB.
+    """
+    if image.mode in ("P", "PA"):
+        has_alpha = image.mode == "PA" or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image).astype(np.float64)
+        image = _gray_from_float(np.clip(values, 0, 65535) / 257.0)
+    elif image.mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(values.min()), float(values.max())
+        if low >= 0 and high <= 1:
+            values = values * 255.0
+        elif not (low >= 0 and high <= 255):
+            values = (values - low) * (255.0 / (high - low)) if high > low else values * 0
+        image = _gray_from_float(values)
+    elif image.mode == "1":
+        image = image.convert("L")
+    if image.mode in ("LA", "La", "RGBA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")  # CMYK, YCbCr, ...
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _gray_from_float(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Scale the shorter side to `size` with Lanczos, then crop the centre `size`x`size`."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_width = max(size, int(round(width * scale)))
+    new_height = max(size, int(round(height * scale)))
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.Resampling.LANCZOS)
+    left = (new_width - size) // 2
+    top = (new_height - size) // 2
+    return image.crop((left, top, left + size, top + size))

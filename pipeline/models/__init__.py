@@ -13,6 +13,9 @@ from pipeline.models.base import GenerativeModel
 # family name -> (module, config class, model class); modules are imported on first use.
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "diffusion": ("pipeline.models.diffusion", "DiffusionConfig", "DiffusionModel"),
+    "autoregressive": ("pipeline.models.autoregressive", "PixelCNNConfig", "PixelCNNModel"),
+    "vae": ("pipeline.models.vae", "VAEConfig", "VAEModel"),
+    "flow": ("pipeline.models.flow", "FlowConfig", "FlowModel"),
 }
 
 

@@ -31,6 +31,10 @@ class GenerativeModel(nn.Module, abc.ABC):
     """Base class of every model family (see the module docstring for the contract)."""
 
     bits_per_dim_kind: BitsPerDimKind = "exact"
+    data_dependent_init: bool = False
+    """True when the first training forward initialises weights from the data (Glow's ActNorm).
+    The trainer then runs that forward once, before wrapping for data parallelism, so every
+    process starts from rank 0's initialisation."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.loss(x)

@@ -443,6 +443,7 @@ class FlowModel(GenerativeModel):
     """A dequantised Glow / RealNVP flow behind the trainer's interface."""
 
     bits_per_dim_kind = "upper_bound"
+    data_dependent_init = True  # ActNorm initialises from the first training batch
 
     def __init__(self, config: FlowConfig, image_size: int, channels: int):
         super().__init__()

@@ -1,0 +1,74 @@
+"""The ``launch`` command: train locally or on Slurm, sample, and inspect runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import UserError, one_line
+
+
+def _local(args) -> int:
+    from launch.local import launch_local
+    from pipeline import config as config_module
+
+    config = config_module.load(args.config, args.overrides)
+    return launch_local(config, args.nproc)
+
+
+def _sample(args) -> int:
+    from launch.sample import parse_options, sample_to_png
+
+    path = sample_to_png(
+        args.run_dir, args.n, args.out, args.seed, args.ema, parse_options(args.options),
+        device=args.device, checkpoint_path=args.checkpoint,
+    )
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    local = commands.add_parser("local", help="train on this machine with N processes")
+    local.add_argument("config", help="YAML config file")
+    local.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    local.add_argument("--nproc", type=int, default=1, help="processes (one per GPU, or CPU processes)")
+    local.set_defaults(func=_local)
+
+    sample = commands.add_parser("sample", help="write a grid of samples from a run's checkpoint")
+    sample.add_argument("run_dir")
+    sample.add_argument("options", nargs="*", help="sampling options, e.g. sampler=ddim steps=50")
+    sample.add_argument("--n", type=int, default=64, help="number of images")
+    sample.add_argument("--out", default="samples.png", help="output PNG")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use the EMA weights when the run has them (default)")
+    sample.add_argument("--checkpoint", default=None, help="a specific checkpoint directory")
+    sample.add_argument("--device", default="cpu")
+    sample.set_defaults(func=_sample)
+
+    try:
+        from launch import slurm
+    except ImportError:
+        slurm = None
+    if slurm is not None and hasattr(slurm, "add_commands"):
+        slurm.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"launch: error: {one_line(exc)}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""``launch local``: N training processes on this machine (CPU with gloo, or one per GPU).
+
+The launcher validates the config and the shards before any process starts, writes the resolved
+config into the run directory, then starts ``python -m pipeline.trainer RUN_DIR/config.yaml`` N
+times with the torchrun-style environment. It forwards SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to
+the processes (they save at the next step boundary and exit with EXIT_PREEMPTED), and if one
+process fails it stops the others instead of leaving them waiting in a collective. Its exit status
+is the job's: 0 finished, 75 stopped by a signal (relaunch resumes), otherwise the failure's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline import config as config_module
+from pipeline.config import RunConfig
+from pipeline.data import check_shards_match, resolve_shards
+from pipeline.errors import UserError
+from pipeline.preemption import EXIT_PREEMPTED, STOP_SIGNALS
+from pipeline.trainer import write_resolved_config
+
+FAILURE_GRACE_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def preflight(config: RunConfig, nproc: int) -> None:
+    """Checks that need no process group: shards exist, match the config, suffice for the readers."""
+    data = config.data
+    train = resolve_shards(data.shards, "data.shards")
+    check_shards_match(train, data.image_size, data.channels, "data.shards")
+    readers = nproc * max(data.num_workers, 1)
+    if len(train.urls) < readers:
+        raise UserError(
+            f"data.shards: {len(train.urls)} shard(s) for {readers} readers ({nproc} process(es) × "
+            f"{max(data.num_workers, 1)} worker(s)); every reader needs its own shard: lower "
+            "data.num_workers or write smaller shards (data-prep --samples-per-shard)"
+        )
+    if data.eval_shards is not None:
+        held_out = resolve_shards(data.eval_shards, "data.eval_shards")
+        check_shards_match(held_out, data.image_size, data.channels, "data.eval_shards")
+    run_dir = Path(config.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir: {run_dir} exists and is not a directory")
+
+
+def warn_if_config_changed(config: RunConfig) -> None:
+    previous = Path(config.run_dir) / "config.yaml"
+    if not previous.exists():
+        return
+    new_text = config_module.dump_yaml(config)
+    old_text = previous.read_text()
+    if old_text != new_text:
+        import difflib
+
+        changed = [
+            line
+            for line in difflib.unified_diff(old_text.splitlines(), new_text.splitlines(), lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))
+        ]
+        print(
+            f"launch: note: {previous} differs from this launch's config; resuming with the new one:\n  "
+            + "\n  ".join(changed),
+            file=sys.stderr,
+        )
+
+
+def launch_local(config: RunConfig, nproc: int) -> int:
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1 (got {nproc})")
+    preflight(config, nproc)
+    warn_if_config_changed(config)
+    config_path = write_resolved_config(config)
+    if nproc == 1:
+        # One process needs no process group: train here, with this launcher's signal handling.
+        from pipeline.trainer import run
+
+        return run(config)
+    port = free_port()
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    processes: list[subprocess.Popen] = []
+    for rank in range(nproc):
+        env = dict(os.environ)
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            PYTHONUNBUFFERED="1",
+        )
+        if nproc > 1:
+            env.setdefault("OMP_NUM_THREADS", str(threads))
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pipeline.trainer", str(config_path)],
+                env=env,
+                start_new_session=True,  # signals reach them once, through us
+            )
+        )
+
+    def forward(signum, frame):
+        for process in processes:
+            if process.poll() is None:
+                try:
+                    process.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        return _wait(processes)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _wait(processes: list[subprocess.Popen]) -> int:
+    failed_at: float | None = None
+    while True:
+        codes = [process.poll() for process in processes]
+        if all(code is not None for code in codes):
+            break
+        bad = [code for code in codes if code not in (None, 0, EXIT_PREEMPTED)]
+        if bad and failed_at is None:
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+            # The others are waiting for the failed one in a collective; nothing they hold is
+            # lost (checkpoints are committed atomically).
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+        time.sleep(0.2)
+    codes = [process.returncode for process in processes]
+    failures = [code for code in codes if code not in (0, EXIT_PREEMPTED)]
+    if failures:
+        # A process we killed reports a negative status; the one that failed first has the story.
+        positive = [code for code in failures if code > 0]
+        return positive[0] if positive else 1
+    if EXIT_PREEMPTED in codes:
+        return EXIT_PREEMPTED
+    return 0

@@ -1,0 +1,65 @@
+"""``launch sample``: a grid of samples from a run directory's newest intact checkpoint.
+
+The same weights, seed and options give the same PNG bytes: all sampling noise comes from one
+seeded CPU generator (see pipeline/models/base.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint, config as config_module, images, models
+from pipeline.config import RunConfig
+from pipeline.errors import UserError
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    return config_module.load(path)
+
+
+def load_model(run_dir: str | Path, use_ema: bool = True, checkpoint_path: str | None = None, device: str = "cpu"):
+    """(model in eval mode, checkpoint manifest) for a run directory."""
+    config = load_run_config(run_dir)
+    if checkpoint_path is not None:
+        loaded = checkpoint.open_checkpoint(checkpoint_path)
+    else:
+        loaded = checkpoint.find_for_run(run_dir)
+        if loaded is None:
+            raise UserError(f"{run_dir}: no intact checkpoint to load (has it trained yet?)")
+    model = models.build(config.model, config.data.image_size, config.data.channels)
+    name = "ema.safetensors" if use_ema and loaded.has("ema.safetensors") else "model.safetensors"
+    model.load_state_dict(loaded.tensors(name))
+    model.to(device).eval()
+    return model, loaded.manifest, config
+
+
+def parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        parts, value = config_module.parse_override(pair)
+        options[".".join(parts)] = value
+    return options
+
+
+def sample_to_png(
+    run_dir: str, n: int, out: str, seed: int, use_ema: bool, options: dict, device: str = "cpu",
+    checkpoint_path: str | None = None,
+) -> Path:
+    if n < 1:
+        raise UserError(f"--n must be at least 1 (got {n})")
+    model, manifest, config = load_model(run_dir, use_ema, checkpoint_path, device)
+    merged = {**config.sample.options, **options}
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        try:
+            grid = model.sample(n, generator, **merged)
+        except TypeError as exc:
+            raise UserError(f"sampling options {sorted(merged)}: {exc}") from None
+    return images.save_png(grid, out)

@@ -1,0 +1,277 @@
+"""Crash-consistent checkpoints: staged, hashed, renamed into place, verified before loading.
+
+Layout of ``run_dir/checkpoints/``::
+
+    step-000001000/              one complete checkpoint
+        model.safetensors        weights (rank 0; identical on every rank under DDP)
+        ema.safetensors          EMA weights, when EMA is on
+        optimizer.pt             optimizer state_dict (torch.save; loaded with weights_only=True)
+        trainer.json             step, images seen, LR scheduler, loss scaler, world size, W&B id
+        rank-00000.json          per-rank: Python/NumPy RNG, data-stream position
+        rank-00000.safetensors   per-rank: torch CPU/CUDA RNG state
+        ...
+        manifest.json            written last: step, images seen, every file's size and sha256
+    step-000002000.staging/      a checkpoint being written (never loaded; removed on start-up)
+
+All ranks write their own files into the staging directory, rank 0 gathers their sizes and hashes,
+writes the manifest, fsyncs and renames the directory; the rename is the commit point. Older
+checkpoints are pruned only after that. Loading scans from the newest, verifies the manifest,
+sizes and hashes, and falls back to the previous checkpoint (saying why) when one is damaged.
+Nothing loaded is unpickled as arbitrary objects: tensors come from safetensors or
+``torch.load(weights_only=True)``, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "genpipe-checkpoint/1"
+_STEP_DIR = re.compile(r"^step-(\d{9})$")
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def rank_file(rank: int, extension: str) -> str:
+    return f"rank-{rank:05d}.{extension}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding files (in memory, so the hash is computed once, from the bytes written)
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def encode_torch(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def encode_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    return load_safetensors(data)
+
+
+def decode_torch(data: bytes) -> Any:
+    # weights_only refuses any pickle that would construct objects other than tensors and
+    # plain containers: a tampered file cannot execute code here.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def decode_json(data: bytes) -> Any:
+    return json.loads(data)
+
+
+def _write_durable(path: Path, data: bytes) -> dict:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def staging_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"{step_dir_name(step)}.staging"
+
+
+def prepare_staging(run_dir: str | os.PathLike, step: int) -> Path:
+    """Rank 0, before the others write: an empty staging directory for this step."""
+    staging = staging_path(run_dir, step)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def write_files(staging: Path, files: dict[str, bytes]) -> dict[str, dict]:
+    """Every rank: write its encoded files; returns {name: {bytes, sha256}} for the manifest."""
+    return {name: _write_durable(staging / name, data) for name, data in files.items()}
+
+
+def commit(
+    run_dir: str | os.PathLike,
+    step: int,
+    images_seen: int,
+    records: dict[str, dict],
+    keep_last: int,
+    extra: dict | None = None,
+) -> Path:
+    """Rank 0, after every rank wrote: manifest last, then the atomic rename, then pruning."""
+    staging = staging_path(run_dir, step)
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "images_seen": images_seen,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": dict(sorted(records.items())),
+        **(extra or {}),
+    }
+    _write_durable(staging / "manifest.json", encode_json(manifest))
+    _fsync_dir(staging)
+    final = checkpoints_dir(run_dir) / step_dir_name(step)
+    if final.exists():
+        # A checkpoint of this very step exists (e.g. a stop signal right after a periodic save):
+        # keep the complete one already there.
+        shutil.rmtree(staging)
+        return final
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    prune(run_dir, keep_last)
+    return final
+
+
+def prune(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the newest keep_last (never an incomplete one's peer)."""
+    complete = [step for step, path in list_checkpoints(run_dir) if (path / "manifest.json").exists()]
+    for step in complete[:-keep_last]:
+        shutil.rmtree(checkpoints_dir(run_dir) / step_dir_name(step), ignore_errors=True)
+
+
+def remove_staging(run_dir: str | os.PathLike) -> None:
+    """Start-up clean-up of checkpoints whose writing was interrupted."""
+    directory = checkpoints_dir(run_dir)
+    if directory.is_dir():
+        for path in directory.glob("*.staging"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and loading
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every step-directory, oldest first."""
+    directory = checkpoints_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def verify(path: Path) -> dict:
+    """The manifest of a complete, intact checkpoint; ValueError saying what is wrong otherwise."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError("no manifest.json (the write was interrupted)")
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"manifest.json is not valid JSON ({exc})") from None
+    if manifest.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"unknown checkpoint format {manifest.get('format')!r}")
+    for name, record in manifest.get("files", {}).items():
+        file_path = path / name
+        if not file_path.is_file():
+            raise ValueError(f"{name} is missing")
+        size = file_path.stat().st_size
+        if size != record["bytes"]:
+            raise ValueError(f"{name} is {size} bytes, the manifest says {record['bytes']}")
+        digest = hashlib.sha256()
+        with open(file_path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        if digest.hexdigest() != record["sha256"]:
+            raise ValueError(f"{name} does not match its sha256 in the manifest (corrupted)")
+    return manifest
+
+
+def latest_valid(run_dir: str | os.PathLike, warn: Callable[[str], None] | None = None) -> tuple[Path, dict] | None:
+    """Newest checkpoint that verifies, reporting each damaged newer one it skips."""
+    warn = warn or log.warning
+    for step, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, verify(path)
+        except ValueError as exc:
+            warn(f"checkpoint {path} is unusable: {exc}; trying the previous one")
+    return None
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    manifest: dict
+
+    def read(self, name: str) -> bytes:
+        return (self.path / name).read_bytes()
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.get("files", {})
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return decode_tensors(self.read(name))
+
+    def torch_object(self, name: str) -> Any:
+        try:
+            return decode_torch(self.read(name))
+        except Exception as exc:  # UnpicklingError for anything weights_only refuses
+            raise UserError(
+                f"checkpoint {self.path / name} holds something other than tensors and plain "
+                f"data; refusing to load it ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from None
+
+    def json(self, name: str) -> Any:
+        return decode_json(self.read(name))
+
+
+def open_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    """A verified checkpoint directory, or a UserError saying why it cannot be used."""
+    path = Path(path)
+    try:
+        return LoadedCheckpoint(path, verify(path))
+    except ValueError as exc:
+        raise UserError(f"checkpoint {path} is unusable: {exc}") from None
+
+
+def find_for_run(run_dir: str | os.PathLike) -> LoadedCheckpoint | None:
+    found = latest_valid(run_dir)
+    return LoadedCheckpoint(*found) if found else None

@@ -1,0 +1,394 @@
+"""A run's configuration: YAML validated into typed, frozen sections.
+
+``load(path, overrides)`` reads a YAML file, applies ``key.sub=value`` overrides from the command
+line, and validates the result into a `RunConfig`. Anything wrong (a YAML syntax error, an
+unknown key, a wrong type, an impossible value) raises one `UserError` line naming the file, the
+key and what was expected, before any process starts or anything is written.
+
+Each section is declared here with its fields documented in place; the model section is the
+family's own config class (``pipeline/models/<family>.py``), chosen by ``model.family``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipeline import models
+from pipeline.configbase import StrictModel
+from pipeline.errors import UserError
+
+
+def _yaml_no(value: Any) -> Any:
+    # YAML 1.1 reads a bare `no` as False; `mixed_precision: no` means the string.
+    return "no" if value is False else value
+
+
+class DataConfig(StrictModel):
+    """Where the images come from and how they are batched."""
+
+    shards: str | list[str]
+    """Training shards: a prepared split directory (with manifest.json), a brace pattern
+    (``data/shard-{000000..000127}.tar``), a list of paths, or ``pipe:`` URLs."""
+    eval_shards: str | list[str] | None = None
+    """Held-out shards for bits/dim evaluation, in the same forms; None disables evaluation."""
+    image_size: int = Field(gt=0)
+    """Height and width of every image, in pixels (checked against the shards)."""
+    channels: Literal[1, 3]
+    """1 for grayscale, 3 for RGB (checked against the shards)."""
+    batch_size: int = Field(gt=0)
+    """Images per process per micro-batch. Global batch = batch_size × processes × grad_accum."""
+    num_workers: int = Field(default=2, ge=0)
+    """Data loader worker processes per training process (0 reads in the training process)."""
+    shuffle_buffer: int = Field(default=1000, ge=1)
+    """Samples held in each reader's shuffle buffer (1 disables sample shuffling)."""
+    random_flip: bool = False
+    """Flip each training image horizontally with probability 1/2 (deterministic per sample)."""
+    prefetch_factor: int = Field(default=4, ge=1)
+    """Batches each worker prepares ahead."""
+
+
+class TrainConfig(StrictModel):
+    """The optimisation: steps, AdamW, schedule, precision, EMA."""
+
+    max_steps: int = Field(gt=0)
+    """Optimizer steps to train for (each step sees the global batch)."""
+    lr: float = Field(gt=0)
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up from 0 to ``lr`` over this many steps."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: keep ``lr`` or decay it along a cosine to ``min_lr_ratio × lr`` at max_steps."""
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value; None disables clipping (the norm is still logged)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast dtype for the forward pass; fp16 adds dynamic loss scaling."""
+    ema_halflife_images: float | None = Field(default=None, gt=0)
+    """EMA half-life measured in images seen (EDM's convention: independent of batch size and
+    process count). DDPM's decay 0.9999 at batch 128 is ~887k images. None disables EMA."""
+    ema_rampup_ratio: float | None = Field(default=None, gt=0)
+    """If set, the half-life is at most this fraction of the images seen so far (EDM's ramp-up),
+    so early EMA weights are not dominated by the random initialisation."""
+    log_every_steps: int = Field(default=10, ge=1)
+    """Steps between metric lines (metrics.jsonl, W&B, progress bar). Metrics are averaged over
+    the interval and over processes; the device is synchronised only at these steps."""
+    signal_check_every_steps: int = Field(default=1, ge=1)
+    """Steps between checks, agreed by all processes, of whether a stop signal arrived."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    deterministic: bool = False
+    """Ask PyTorch for deterministic kernels (slower on GPU; bit-exact resume needs it)."""
+
+    _no = field_validator("mixed_precision", mode="before")(_yaml_no)
+
+
+class CheckpointConfig(StrictModel):
+    """When checkpoints are written and how many are kept."""
+
+    every_steps: int = Field(default=1000, ge=1)
+    """Steps between checkpoints (one is always written at the end and on a stop signal)."""
+    keep_last: int = Field(default=2, ge=1)
+    """Complete checkpoints kept; older ones are deleted only after a newer one is complete."""
+
+
+class SampleConfig(StrictModel):
+    """Sample grids written during training."""
+
+    every_steps: int = Field(default=1000, ge=0)
+    """Steps between sample grids (0: only at the end of training)."""
+    n: int = Field(default=64, ge=1)
+    """Images per grid."""
+    seed: int = 0
+    """Seed of the sampling noise: the same seed at every step shows how one set of noise evolves."""
+    use_ema: bool = True
+    """Sample with the EMA weights when EMA is on."""
+    options: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    """Family-specific sampling options passed to ``model.sample`` (e.g. ``sampler: ddim``,
+    ``steps: 50`` for diffusion; ``temperature: 0.7`` for flows)."""
+
+
+class EvalConfig(StrictModel):
+    """Held-out bits/dim during training."""
+
+    every_steps: int = Field(default=0, ge=0)
+    """Steps between evaluations on ``data.eval_shards`` (0 disables in-training evaluation)."""
+    max_images: int | None = Field(default=None, gt=0)
+    """Evaluate on at most this many held-out images (None: the whole held-out set)."""
+    batch_size: int | None = Field(default=None, gt=0)
+    """Per-process evaluation batch size (None: data.batch_size)."""
+    use_ema: bool = True
+
+
+class WandbConfig(StrictModel):
+    """Weights & Biases tracking."""
+
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """None: online when an API key is configured (WANDB_API_KEY or a netrc entry), else offline."""
+    project: str = "genpipe"
+    entity: str | None = None
+    name: str | None = None
+    """Display name of the run (default: the run directory's name)."""
+    tags: list[str] = Field(default_factory=list)
+
+
+class DistributedConfig(StrictModel):
+    """How processes share the work."""
+
+    strategy: Literal["ddp"] = "ddp"
+    """Data-parallel strategy."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: auto picks nccl on GPUs and gloo on CPUs."""
+    timeout_minutes: float = Field(default=30, gt=0)
+    """How long a collective waits for the other processes before failing."""
+
+
+class SlurmConfig(StrictModel):
+    """Resources and policies of ``launch slurm`` jobs (see launch/slurm.py)."""
+
+    nodes: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=0, ge=0)
+    """GPUs per node; one task per GPU. 0 runs on CPUs with ``tasks_per_node`` processes."""
+    tasks_per_node: int | None = Field(default=None, ge=1)
+    """Processes per node; defaults to gpus_per_node (or 1 on CPU partitions)."""
+    cpus_per_task: int = Field(default=8, ge=1)
+    mem: str | None = None
+    """Memory per node as sbatch takes it (e.g. ``256G``); None leaves the partition default."""
+    time_minutes: int = Field(default=60 * 24, ge=1)
+    """Job time limit; the job saves and requeues itself ``signal_delay_s`` before it."""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    signal_delay_s: int = Field(default=120, ge=1)
+    """Seconds before the time limit at which Slurm sends USR2 (``--signal=USR2@N``)."""
+    max_requeues: int = Field(default=10, ge=0)
+    """Preemptions / time-outs after which the job is no longer requeued."""
+    extra_sbatch: dict[str, str | int | bool] = Field(default_factory=dict)
+    """Further sbatch directives, e.g. ``{mail-type: END}``."""
+    setup: list[str] = Field(default_factory=list)
+    """Shell lines run before the tasks start (module loads, env activation)."""
+
+    @model_validator(mode="after")
+    def _one_task_per_gpu(self) -> "SlurmConfig":
+        if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
+            raise ValueError(
+                f"tasks_per_node={self.tasks_per_node} with gpus_per_node={self.gpus_per_node}: "
+                "GPU jobs run one task per GPU; leave tasks_per_node out"
+            )
+        return self
+
+
+ModelConfig = Annotated[
+    Union[tuple(models.config_classes())],  # type: ignore[misc]
+    Field(discriminator="family"),
+]
+
+
+class RunConfig(StrictModel):
+    """Everything a training run needs; its resolved form is written to ``run_dir/config.yaml``."""
+
+    run_dir: str
+    """Directory holding the run's state (config, checkpoints, metrics, samples, W&B id).
+    Launching into a run directory that has a checkpoint resumes from it."""
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
+    wandb: WandbConfig = WandbConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    slurm: SlurmConfig = SlurmConfig()
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> "RunConfig":
+        if self.eval.every_steps and self.data.eval_shards is None:
+            raise ValueError("eval.every_steps is set but data.eval_shards is not")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-4`` -> (["train", "lr"], 0.0001); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise UserError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, _number_from_string(value)
+
+
+def _number_from_string(value: Any) -> Any:
+    # YAML 1.1 reads `1e-4` (no dot) as a string; a number-looking string is meant as a number.
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if math.isfinite(number) and any(c in value for c in ".eE"):
+            return number
+    return value
+
+
+def _normalise_numbers(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _normalise_numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_normalise_numbers(v) for v in node]
+    return _number_from_string(node)
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
+    """A copy of ``raw`` with each ``key.sub=value`` override applied."""
+    result = _deep_copy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise UserError(f"override {text!r}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _deep_copy(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_deep_copy(v) for v in node]
+    return node
+
+
+def _allowed_keys(location: tuple) -> list[str]:
+    """Field names valid at a location, for 'did you mean' hints on unknown keys."""
+    cls: Any = RunConfig
+    for part in location[:-1]:
+        if isinstance(part, int):
+            return []
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            # A discriminated union's tag (e.g. 'diffusion') sits between the section and its fields.
+            for option in models.config_classes():
+                if option.model_fields["family"].default == part or part in getattr(
+                    option.model_fields["family"].annotation, "__args__", ()
+                ):
+                    cls = option
+                    break
+            else:
+                return []
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, StrictModel):
+            cls = annotation
+        else:
+            return []
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _format_error(error: dict, source: str) -> str:
+    location = tuple(
+        part for part in error["loc"] if not (isinstance(part, str) and part in _family_tags())
+    )
+    key = ".".join(str(p) for p in location) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(location)
+        hint = difflib.get_close_matches(str(location[-1]), allowed, n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        expected = f"; allowed here: {', '.join(allowed)}" if allowed and not hint else ""
+        return f"{source}: unknown key '{key}'{suggestion}{expected}"
+    if kind == "missing":
+        return f"{source}: missing required key '{key}'"
+    if kind == "union_tag_invalid":
+        ctx = error.get("ctx", {})
+        return (
+            f"{source}: {key}: unknown model family {ctx.get('tag')!r}; "
+            f"expected one of {ctx.get('expected_tags')}"
+        )
+    if kind == "union_tag_not_found":
+        return f"{source}: {key}: missing 'family' (one of {', '.join(models.FAMILIES)})"
+    message = error["msg"].removeprefix("Value error, ")
+    if not location:
+        return f"{source}: {message}"
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: {key}: {message}{got_text}"
+
+
+def _family_tags() -> set[str]:
+    return set(models.FAMILIES)
+
+
+def validate(raw: Any, source: str) -> RunConfig:
+    """A `RunConfig` from a plain dict, or a UserError naming source, key and expectation."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of config sections at the top level")
+    try:
+        return RunConfig.model_validate(_normalise_numbers(raw))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        message = _format_error(errors[0], source)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        raise UserError(message) from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if raw is None:
+        raise UserError(f"{path}: the file is empty")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config sections at the top level")
+    return raw
+
+
+def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a config file."""
+    raw = apply_overrides(read_yaml(path), list(overrides), str(path))
+    source = str(path) if not overrides else f"{path} (with overrides)"
+    return validate(raw, source)
+
+
+def to_dict(config: RunConfig) -> dict:
+    """Plain-data form of a config (tuples as lists), for YAML, JSON and W&B."""
+    return config.model_dump(mode="json")
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,654 @@
+"""The one trainer for every model family.
+
+`run(config)` is the entry point of each training process, whatever started it (``launch local``,
+a Slurm task, a test). It reads its place in the job from the torchrun-style environment (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; absent means one process), lets Accelerate set
+up the process group and wrap the model (DDP), and trains until ``train.max_steps`` or a stop
+signal. The model is reached only through ``loss`` (its ``forward``), ``sample`` and
+``bits_per_dim``; nothing here knows which family it trains.
+
+One optimizer step: ``grad_accum`` micro-batches (gradient sync only on the last), unscale (fp16),
+clip the global norm, AdamW step, learning rate from the step number (warm-up, then constant or
+cosine), EMA update. Metrics stay on the device as running sums and are reduced across processes
+only every ``train.log_every_steps``, so the step itself never waits for the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline import checkpoint, config as config_module, images, models, preemption
+from pipeline.config import RunConfig
+from pipeline.data import TrainingBatches, check_shards_match, eval_batches, resolve_shards, shards_for_reader
+from pipeline.ema import EMA
+from pipeline.errors import UserError
+from pipeline.tracking import MetricsFile, make_tracker
+
+log = logging.getLogger("pipeline.trainer")
+
+FAIL_AT_STEP_ENV = "GENPIPE_FAIL_AT_STEP"  # test hook: raise inside training at this step
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def learning_rate(train, step: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based): linear warm-up, then the schedule.
+
+    Stateless by design: resuming restores the schedule from the step number alone.
+    """
+    if train.warmup_steps and step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    if train.lr_schedule == "constant":
+        return train.lr
+    span = max(train.max_steps - train.warmup_steps, 1)
+    progress = min(max(step - train.warmup_steps, 0) / span, 1.0)
+    floor = train.min_lr_ratio * train.lr
+    return floor + (train.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _seed_from(*numbers: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(numbers).encode()).digest()[:4], "little")
+
+
+def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    numpy_state = np.random.get_state()
+    plain = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{index}"] = state
+    return plain, tensors
+
+
+def _set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state_dict bytes: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _configure_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    logging.basicConfig(level=level, format=f"{prefix}%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("accelerate", "wandb", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+        from datetime import timedelta
+
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        train = config.train
+        use_cpu = not torch.cuda.is_available()
+        backend = None if config.distributed.backend == "auto" else config.distributed.backend
+        self.accelerator = Accelerator(
+            cpu=use_cpu,
+            mixed_precision="no",  # autocast and loss scaling are done here, the same on CPU and GPU
+            kwargs_handlers=[
+                InitProcessGroupKwargs(
+                    backend=backend, timeout=timedelta(minutes=config.distributed.timeout_minutes)
+                ),
+            ],
+        )
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        _configure_logging(self.rank)
+        if train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.control_group = None
+        if self.world_size > 1 and dist.get_backend() != "gloo":
+            # Stop-flag agreement over gloo on the host never waits for the GPU stream.
+            self.control_group = dist.new_group(backend="gloo")
+
+        # The same initial weights on every rank; then per-rank randomness for noise/timesteps.
+        torch.manual_seed(config.seed)
+        self.raw_model = models.build(config.model, config.data.image_size, config.data.channels)
+        self.raw_model.to(self.device)
+        self.ema = (
+            EMA(self.raw_model, train.ema_halflife_images, train.ema_rampup_ratio)
+            if train.ema_halflife_images
+            else None
+        )
+        self._seed_process(config.seed, self.rank)
+
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.raw_model.parameters(),
+            lr=learning_rate(train, 0),
+            betas=tuple(train.betas),
+            eps=train.eps,
+            weight_decay=train.weight_decay,
+            fused=fused or None,
+            foreach=None if fused else True,
+        )
+        self.autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train.mixed_precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.mixed_precision == "fp16")
+
+        self.step = 0
+        self.images_seen = 0
+        self.last_saved_step = -1
+        data_state = self._restore()
+
+        data = config.data
+        self.global_batch = data.batch_size * self.world_size * train.grad_accum
+        self.train_shards = resolve_shards(data.shards, "data.shards")
+        check_shards_match(self.train_shards, data.image_size, data.channels, "data.shards")
+        self.batches = TrainingBatches(
+            self.train_shards,
+            seed=config.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=data.num_workers,
+            batch_size=data.batch_size,
+            image_size=data.image_size,
+            channels=data.channels,
+            shuffle_buffer=data.shuffle_buffer,
+            random_flip=data.random_flip,
+            prefetch_factor=data.prefetch_factor,
+            pin_memory=self.device.type == "cuda",
+            state=data_state,
+        )
+        if self.raw_model.data_dependent_init and self.step == 0:
+            self._data_dependent_init()
+        network = self.raw_model
+        if train.compile:
+            network = torch.compile(network)
+        self.model = self.accelerator.prepare_model(network)
+
+        self.eval_shards = None
+        if data.eval_shards is not None:
+            self.eval_shards = resolve_shards(data.eval_shards, "data.eval_shards")
+            check_shards_match(self.eval_shards, data.image_size, data.channels, "data.eval_shards")
+
+        self._write_rank_record(
+            "start",
+            step=self.step,
+            world_size=self.world_size,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            readers=list(range(self.rank * self.batches.readers_per_process, (self.rank + 1) * self.batches.readers_per_process)),
+            epoch0_shards=[
+                shard
+                for reader in range(self.rank * self.batches.readers_per_process, (self.rank + 1) * self.batches.readers_per_process)
+                for shard in shards_for_reader(self.train_shards.urls, config.seed, 0, reader, self.batches.num_readers)
+            ],
+        )
+        self.metrics_file = MetricsFile(self.run_dir, self.step) if self.is_main else None
+        self.tracker = make_tracker(
+            self.run_dir, config.wandb, self._tracked_config(), self.is_main
+        )
+        fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+        self.fail_at_step = int(fail_at) if fail_at else None
+
+    # -- set-up helpers -----------------------------------------------------------------------
+
+    def _seed_process(self, seed: int, rank: int) -> None:
+        process_seed = _seed_from(seed, rank)
+        random.seed(process_seed)
+        np.random.seed(process_seed)
+        torch.manual_seed(process_seed)
+
+    def _tracked_config(self) -> dict:
+        tracked = config_module.to_dict(self.config)
+        tracked["world_size"] = self.world_size
+        tracked["global_batch"] = self.config.data.batch_size * self.world_size * self.config.train.grad_accum
+        tracked["parameters"] = sum(p.numel() for p in self.raw_model.parameters())
+        for variable in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_NUM_NODES"):
+            if variable in os.environ:
+                tracked[variable.lower()] = os.environ[variable]
+        return tracked
+
+    def _write_rank_record(self, event: str, **fields) -> None:
+        directory = self.run_dir / "ranks"
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {"event": event, "rank": self.rank, "time": time.time(), **fields}
+        with open(directory / f"rank-{self.rank:05d}.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def _data_dependent_init(self) -> None:
+        """Run the first batch through the model once so data-initialised layers set themselves;
+        DDP then broadcasts rank 0's weights, and the EMA starts from them."""
+        batch = self.batches.peek().to(self.device)
+        with self._autocast():
+            self.raw_model.loss(batch)
+        if self.ema is not None:
+            self.ema.model.load_state_dict(self.raw_model.state_dict())
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _restore(self) -> dict | None:
+        """Load the newest intact checkpoint of the run directory, if any; returns the data state."""
+        if self.is_main:
+            checkpoint.remove_staging(self.run_dir)
+        choice = [None]
+        if self.is_main:
+            found = checkpoint.latest_valid(self.run_dir)
+            choice = [str(found[0]) if found else None]
+        if self.world_size > 1:
+            dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return None
+        loaded = checkpoint.open_checkpoint(choice[0])
+        try:
+            self.raw_model.load_state_dict(loaded.tensors("model.safetensors"))
+            if self.ema is not None:
+                if loaded.has("ema.safetensors"):
+                    self.ema.load_state_dict(loaded.tensors("ema.safetensors"))
+                else:
+                    self.ema.model.load_state_dict(self.raw_model.state_dict())
+        except RuntimeError as exc:
+            raise UserError(
+                f"checkpoint {loaded.path} does not fit the model of this config "
+                f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}); "
+                "use a new run_dir for a different architecture"
+            ) from None
+        self.optimizer.load_state_dict(loaded.torch_object("optimizer.pt"))
+        state = loaded.json("trainer.json")
+        self.step = int(state["step"])
+        self.images_seen = int(state["images_seen"])
+        self.last_saved_step = self.step
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        saved_world = int(state["world_size"])
+        rank_json = checkpoint.rank_file(self.rank, "json")
+        data_state = None
+        if saved_world == self.world_size and loaded.has(rank_json):
+            rank_state = loaded.json(rank_json)
+            _set_rng_state(rank_state["rng"], loaded.tensors(checkpoint.rank_file(self.rank, "safetensors")))
+            data_state = rank_state["data"]
+        else:
+            # Different process count: weights, optimizer and step carry over; randomness is
+            # reseeded from the step, and the data stream restarts (see pipeline/data.py).
+            self._seed_process(self.config.seed + self.step, self.rank)
+            first = loaded.json(checkpoint.rank_file(0, "json"))
+            data_state = {"num_readers": None, "positions": first["data"]["positions"]}
+            if self.is_main:
+                log.warning(
+                    "resuming a %d-process checkpoint with %d processes: weights, optimizer and "
+                    "step are restored; random streams are reseeded", saved_world, self.world_size
+                )
+        if self.is_main:
+            log.info("resumed from %s (step %d, %d images seen)", loaded.path, self.step, self.images_seen)
+        return data_state
+
+    def save_checkpoint(self) -> None:
+        """All ranks together: stage, write, hash, commit, prune."""
+        if self.step == self.last_saved_step:
+            return
+        started = time.perf_counter()
+        if self.is_main:
+            checkpoint.prepare_staging(self.run_dir, self.step)
+        self._barrier()
+        staging = checkpoint.staging_path(self.run_dir, self.step)
+        rng_plain, rng_tensors = _rng_state()
+        files = {
+            checkpoint.rank_file(self.rank, "json"): checkpoint.encode_json(
+                {"rng": rng_plain, "data": self.batches.state_dict()}
+            ),
+            checkpoint.rank_file(self.rank, "safetensors"): checkpoint.encode_tensors(rng_tensors),
+        }
+        if self.is_main:
+            files["model.safetensors"] = checkpoint.encode_tensors(self.raw_model.state_dict())
+            if self.ema is not None:
+                files["ema.safetensors"] = checkpoint.encode_tensors(self.ema.state_dict())
+            files["optimizer.pt"] = checkpoint.encode_torch(self.optimizer.state_dict())
+            files["trainer.json"] = checkpoint.encode_json(
+                {
+                    "step": self.step,
+                    "images_seen": self.images_seen,
+                    "world_size": self.world_size,
+                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                    "family": self.config.model.family,
+                }
+            )
+        records = checkpoint.write_files(staging, files)
+        gathered = [None] * self.world_size
+        if self.world_size > 1:
+            dist.all_gather_object(gathered, records)
+        else:
+            gathered = [records]
+        if self.is_main:
+            merged = {name: record for part in gathered for name, record in part.items()}
+            path = checkpoint.commit(
+                self.run_dir,
+                self.step,
+                self.images_seen,
+                merged,
+                self.config.checkpoint.keep_last,
+                extra={"world_size": self.world_size, "family": self.config.model.family},
+            )
+            log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - started)
+        self._barrier()
+        self.last_saved_step = self.step
+
+    # -- the training step --------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, sums: dict[str, torch.Tensor]) -> float:
+        """One optimizer step; adds its metrics to the running sums. Returns data-wait seconds."""
+        train = self.config.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(train, self.step)
+        waited = 0.0
+        for micro in range(train.grad_accum):
+            before = time.perf_counter()
+            batch = next(self.batches)
+            waited += time.perf_counter() - before
+            batch = batch.to(self.device, non_blocking=True)
+            last = micro == train.grad_accum - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            with sync:
+                with self._autocast():
+                    loss, metrics = self.model(batch)
+                self.scaler.scale(loss / train.grad_accum).backward()
+            _add(sums, "loss", loss.detach().float() / train.grad_accum)
+            for name, value in metrics.items():
+                _add(sums, name, value.detach().float() / train.grad_accum)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = train.grad_clip if train.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.images_seen += self.global_batch
+        if self.ema is not None:
+            self.ema.update(self.raw_model, self.global_batch, self.images_seen)
+        _add(sums, "grad_norm", grad_norm.detach().float())
+        return waited
+
+    # -- periodic work ------------------------------------------------------------------------
+
+    def _reduce_means(self, sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+        names = sorted(sums)
+        stacked = torch.stack([sums[name] for name in names]).to(self.device)
+        if self.world_size > 1:
+            dist.all_reduce(stacked)
+            stacked /= self.world_size
+        values = (stacked / steps).tolist()
+        return dict(zip(names, values))
+
+    def _stop_agreed(self) -> bool:
+        local = preemption.stop_requested()
+        if self.world_size == 1:
+            return local
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        if self.control_group is None:
+            flag = flag.to(self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(flag.item())
+
+    def sampling_model(self, use_ema: bool) -> torch.nn.Module:
+        return self.ema.model if (use_ema and self.ema is not None) else self.raw_model
+
+    @torch.no_grad()
+    def write_samples(self) -> None:
+        """Rank 0 samples a grid with a fixed seed; the others wait."""
+        sample = self.config.sample
+        if self.is_main:
+            model = self.sampling_model(sample.use_ema)
+            was_training = model.training
+            model.eval()
+            generator = torch.Generator().manual_seed(sample.seed)
+            with self._autocast():
+                grid = model.sample(sample.n, generator, **sample.options)
+            model.train(was_training)
+            path = images.save_png(grid, self.run_dir / "samples" / f"step-{self.step:09d}.png")
+            self.tracker.log_image("samples", path, self.step, caption=f"step {self.step}")
+        self._barrier()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean held-out bits/dim over all processes."""
+        evaluation = self.config.eval
+        model = self.sampling_model(evaluation.use_ema)
+        was_training = model.training
+        model.eval()
+        loader = eval_batches(
+            self.eval_shards,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=min(self.config.data.num_workers, 2),
+            batch_size=evaluation.batch_size or self.config.data.batch_size,
+            image_size=self.config.data.image_size,
+            channels=self.config.data.channels,
+            max_images=evaluation.max_images,
+        )
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in loader:
+            with self._autocast():
+                bits = model.bits_per_dim(batch.to(self.device))
+            total[0] += bits.double().sum()
+            total[1] += bits.numel()
+        model.train(was_training)
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        bits_per_dim, count = total.tolist()
+        return {"eval/bits_per_dim": bits_per_dim / max(count, 1), "eval/images": count}
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        config = self.config
+        train = config.train
+        if self.is_main:
+            log.info(
+                "training %s: %d parameters, %d process(es), global batch %d, from step %d to %d",
+                config.model.family,
+                sum(p.numel() for p in self.raw_model.parameters()),
+                self.world_size,
+                self.global_batch,
+                self.step,
+                train.max_steps,
+            )
+        progress = None
+        if self.is_main:
+            from tqdm import tqdm
+
+            progress = tqdm(
+                total=train.max_steps,
+                initial=self.step,
+                desc="train",
+                dynamic_ncols=True,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                file=sys.stderr,
+            )
+        self.raw_model.train()
+        sums: dict[str, torch.Tensor] = {}
+        window_steps, window_wait = 0, 0.0
+        window_start = time.perf_counter()
+        exit_code = 0
+        try:
+            while self.step < train.max_steps:
+                if self.fail_at_step is not None and self.step == self.fail_at_step:
+                    raise RuntimeError(f"{FAIL_AT_STEP_ENV}={self.fail_at_step}: injected failure")
+                window_wait += self.train_step(sums)
+                window_steps += 1
+                if progress is not None:
+                    progress.update(1)
+                step = self.step
+                if step % train.log_every_steps == 0 or step == train.max_steps:
+                    means = self._reduce_means(sums, window_steps)
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": step,
+                        "images_seen": self.images_seen,
+                        "loss": means.pop("loss"),
+                        "lr": learning_rate(train, step - 1),
+                        "grad_norm": means.pop("grad_norm"),
+                        "images_per_s": window_steps * self.global_batch / max(elapsed, 1e-9),
+                        "data_wait_fraction": window_wait / max(elapsed, 1e-9),
+                        **means,
+                    }
+                    if self.scaler.is_enabled():
+                        record["loss_scale"] = self.scaler.get_scale()
+                    self._log(record, progress)
+                    sums, window_steps, window_wait = {}, 0, 0.0
+                    window_start = time.perf_counter()
+                if config.eval.every_steps and step % config.eval.every_steps == 0:
+                    self._log({"step": step, "images_seen": self.images_seen, **self.evaluate()}, progress)
+                    window_start = time.perf_counter()
+                if config.sample.every_steps and step % config.sample.every_steps == 0:
+                    self.write_samples()
+                    window_start = time.perf_counter()
+                if step % config.checkpoint.every_steps == 0 or step == train.max_steps:
+                    self.save_checkpoint()
+                    window_start = time.perf_counter()
+                if step % train.signal_check_every_steps == 0 and step < train.max_steps and self._stop_agreed():
+                    name = preemption.received_signal_name() or "a signal on another process"
+                    log.info("stop requested (%s): saving at step %d", name, step)
+                    self.save_checkpoint()
+                    exit_code = preemption.EXIT_PREEMPTED
+                    break
+            if exit_code == 0:
+                if config.sample.every_steps == 0 or self.step % config.sample.every_steps != 0:
+                    self.write_samples()
+                self.save_checkpoint()
+        finally:
+            if progress is not None:
+                progress.close()
+            self.batches.close()
+        self._write_rank_record(
+            "end",
+            step=self.step,
+            exit_code=exit_code,
+            weights_sha256=weights_digest(self.raw_model),
+        )
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        self.tracker.finish(exit_code=0)
+        return exit_code
+
+    def _log(self, record: dict, progress) -> None:
+        if not self.is_main:
+            return
+        record = {"time": time.time(), **record}
+        self.metrics_file.write(record)
+        step = record["step"]
+        self.tracker.log({_tracked_name(k): v for k, v in record.items() if k not in ("step", "time")}, step)
+        if progress is not None and "loss" in record:
+            progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        if progress is not None and not sys.stderr.isatty():
+            summary = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in record.items()
+                if k in ("step", "loss", "grad_norm", "images_per_s", "eval/bits_per_dim")
+            )
+            log.info(summary)
+
+
+def _tracked_name(key: str) -> str:
+    return key if "/" in key else f"train/{key}"
+
+
+def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    if name in sums:
+        sums[name] = sums[name] + value
+    else:
+        sums[name] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def write_resolved_config(config: RunConfig) -> Path:
+    """``run_dir/config.yaml``: the config this run actually uses, overrides applied."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    text = config_module.dump_yaml(config)
+    if not path.exists() or path.read_text() != text:
+        temporary = path.with_name("config.yaml.tmp")
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    return path
+
+
+def run(config: RunConfig) -> int:
+    """Train in this process (one of WORLD_SIZE); 0 when finished, EXIT_PREEMPTED when stopped."""
+    preemption.install()
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_resolved_config(config)
+    trainer = Trainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.trainer CONFIG [overrides]``: one training process."""
+    from pipeline.errors import one_line
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print("usage: python -m pipeline.trainer CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        config = config_module.load(args[0], args[1:])
+        return run(config)
+    except UserError as exc:
+        rank = os.environ.get("RANK", "0")
+        tag = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"error: {tag}{one_line(exc)}", file=sys.stderr)
+        return UserError.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Shared fixtures: digits shards made once per test session, and run helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """`data-prep digits` output (train: 15 shards, test: 4 shards of 32×32 grayscale)."""
+    from data_prep.cli import main as data_prep_main
+
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    assert data_prep_main(["digits", str(out)]) == 0
+    return out
+
+
+def tiny_overrides(digits_dir: Path, run_dir: Path, **extra) -> list[str]:
+    """Overrides that make configs/tiny/*.yaml train for seconds on the test's digits."""
+    values = {
+        "run_dir": str(run_dir),
+        "data.shards": str(digits_dir / "train"),
+        "data.eval_shards": str(digits_dir / "test"),
+        "data.num_workers": 0,
+        "wandb.mode": "disabled",
+        "sample.n": 4,
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
+    """Run a console entry point (`launch` or `data-prep`) as a real subprocess."""
+    command = {"launch": "launch.cli", "data-prep": "data_prep.cli"}[args[0]]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", command, *args[1:]],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or REPO,
+    )

@@ -82,6 +82,15 @@ class NullTracker:
         pass
 
 
+def _new_run_id() -> str:
+    # W&B run ids: 8 lowercase letters/digits, the same shape wandb generates.
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
 class WandbTracker:
     """A W&B run bound to the run directory (same id on every launch into it)."""
 
@@ -94,7 +103,7 @@ class WandbTracker:
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = _new_run_id()
             id_file.write_text(run_id + "\n")
         self.run_id = run_id
         self.run = wandb.init(

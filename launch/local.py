@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from pipeline import config as config_module
@@ -24,8 +23,6 @@ from pipeline.data import check_shards_match, resolve_shards
 from pipeline.errors import UserError
 from pipeline.preemption import EXIT_PREEMPTED, STOP_SIGNALS
 from pipeline.trainer import write_resolved_config
-
-FAILURE_GRACE_S = 10.0
 
 
 def free_port() -> int:
@@ -127,21 +124,29 @@ def launch_local(config: RunConfig, nproc: int) -> int:
 
 
 def _wait(processes: list[subprocess.Popen]) -> int:
-    failed_at: float | None = None
-    while True:
-        codes = [process.poll() for process in processes]
-        if all(code is not None for code in codes):
+    """Wait for all processes; the moment one fails, kill the rest.
+
+    The others would otherwise sit in a collective until its timeout, then add a traceback of
+    their own to the one clear error; nothing they hold is lost (checkpoints commit atomically).
+    """
+    by_pid = {process.pid: process for process in processes}
+    running = set(by_pid)
+    while running:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
             break
-        bad = [code for code in codes if code not in (None, 0, EXIT_PREEMPTED)]
-        if bad and failed_at is None:
-            failed_at = time.monotonic()
-        if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
-            # The others are waiting for the failed one in a collective; nothing they hold is
-            # lost (checkpoints are committed atomically).
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-        time.sleep(0.2)
+        if pid not in by_pid:
+            continue
+        running.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        by_pid[pid].returncode = code
+        if code not in (0, EXIT_PREEMPTED):
+            for other in running:
+                try:
+                    os.kill(other, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     codes = [process.returncode for process in processes]
     failures = [code for code in codes if code not in (0, EXIT_PREEMPTED)]
     if failures:

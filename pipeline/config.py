@@ -101,6 +101,10 @@ class CheckpointConfig(StrictModel):
     """Steps between checkpoints (one is always written at the end and on a stop signal)."""
     keep_last: int = Field(default=2, ge=1)
     """Complete checkpoints kept; older ones are deleted only after a newer one is complete."""
+    async_save: bool = False
+    """Write checkpoints on a background thread: training is blocked only while the state is
+    copied to host memory (needs that much free host memory); the next save and the end of
+    training wait for the write. Same atomicity as a synchronous save (docs/checkpoints.md)."""
 
 
 class SampleConfig(StrictModel):
@@ -120,7 +124,7 @@ class SampleConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """Held-out bits/dim during training."""
+    """Held-out bits/dim and sample quality (FID/KID) during training."""
 
     every_steps: int = Field(default=0, ge=0)
     """Steps between evaluations on ``data.eval_shards`` (0 disables in-training evaluation)."""
@@ -129,6 +133,34 @@ class EvalConfig(StrictModel):
     batch_size: int | None = Field(default=None, gt=0)
     """Per-process evaluation batch size (None: data.batch_size)."""
     use_ema: bool = True
+    fid_images: int = Field(default=0, ge=0)
+    """Generated images per in-training FID/KID evaluation, shared out over the processes
+    (0: no FID in training). Reference: ``data.eval_shards``. Use more images than the feature
+    dimension (2048 for Inception) or FID is biased upward; 10k-50k for numbers to publish."""
+    fid_every_steps: int = Field(default=0, ge=0)
+    """Steps between FID/KID evaluations when ``fid_images`` > 0 (0: every ``every_steps``)."""
+    fid_reference_images: int | None = Field(default=None, gt=0)
+    """Held-out images in the reference statistics (None: all of ``data.eval_shards``). The
+    statistics are cached beside the shards' manifest as ``fid_stats-<network id>.npz``."""
+    inception_weights: str | None = None
+    """Local file of the FID Inception-v3 weights (pytorch-fid's
+    ``pt_inception-2015-12-05-6726825d.pth`` or a safetensors copy); nothing is downloaded."""
+    fid_feature_network: Literal["inception", "random_conv"] = "inception"
+    """Feature network of FID/KID: ``inception`` (the standard, needs ``inception_weights``) or
+    ``random_conv``, a fixed random conv net for smoke tests whose numbers compare only with
+    themselves."""
+    kid_subsets: int = Field(default=100, ge=1)
+    """Random subsets averaged by KID."""
+    kid_subset_size: int = Field(default=1000, ge=2)
+    """Images per KID subset (at most the smaller set's size)."""
+
+    @model_validator(mode="after")
+    def _fid_has_a_schedule(self) -> "EvalConfig":
+        if self.fid_images == 1:
+            raise ValueError("fid_images must be 0 (off) or at least 2")
+        if self.fid_images and not (self.every_steps or self.fid_every_steps):
+            raise ValueError("fid_images is set but neither every_steps nor fid_every_steps is")
+        return self
 
 
 class WandbConfig(StrictModel):
@@ -141,6 +173,13 @@ class WandbConfig(StrictModel):
     name: str | None = None
     """Display name of the run (default: the run directory's name)."""
     tags: list[str] = Field(default_factory=list)
+    log_checkpoints: bool = False
+    """Log each committed checkpoint as a W&B artifact (type ``model``) that references its
+    directory (``file://``, no upload, no hashing of the files); rank 0 only."""
+    peak_tflops: float | None = Field(default=None, gt=0)
+    """Peak dense TFLOP/s of one device for the logged MFU (None: the spec sheet figure of a
+    known GPU for the autocast dtype; no MFU on CPUs or unknown GPUs). MFU is also written to
+    metrics.jsonl, whatever ``mode`` is."""
 
 
 class DistributedConfig(StrictModel):
@@ -241,7 +280,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _number_from_string(value: Any) -> Any:
-    # YAML 1.1 reads `1e-4` (no dot) as a string; a number-looking string is meant as a number.
+    # YAML 1.1 reads `1e-4` (no dot) as a string; on the command line it is meant as a number.
+    # (Text fields take numbers back as text, see StrictModel.)
     if isinstance(value, str):
         try:
             number = float(value)
@@ -250,14 +290,6 @@ def _number_from_string(value: Any) -> Any:
         if math.isfinite(number) and any(c in value for c in ".eE"):
             return number
     return value
-
-
-def _normalise_numbers(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _normalise_numbers(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_normalise_numbers(v) for v in node]
-    return _number_from_string(node)
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
@@ -287,29 +319,30 @@ def _deep_copy(node: Any) -> Any:
 
 
 def _allowed_keys(location: tuple) -> list[str]:
-    """Field names valid at a location, for 'did you mean' hints on unknown keys."""
+    """Field names valid where an unknown key sits, for 'did you mean' hints.
+
+    ``location`` is pydantic's, which includes the family tag inside the model section
+    (``("model", "diffusion", "base_chanels")``).
+    """
     cls: Any = RunConfig
     for part in location[:-1]:
         if isinstance(part, int):
             return []
+        if part in models.FAMILIES and cls is None:
+            cls = next(
+                option for option in models.config_classes()
+                if option.model_fields["family"].default == part
+            )
+            continue
         field = getattr(cls, "model_fields", {}).get(part)
         if field is None:
-            # A discriminated union's tag (e.g. 'diffusion') sits between the section and its fields.
-            for option in models.config_classes():
-                if option.model_fields["family"].default == part or part in getattr(
-                    option.model_fields["family"].annotation, "__args__", ()
-                ):
-                    cls = option
-                    break
-            else:
-                return []
-            continue
+            return []
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, StrictModel):
             cls = annotation
         else:
-            return []
-    return list(getattr(cls, "model_fields", {}))
+            cls = None  # a union (the model section): the next part is the family tag
+    return list(getattr(cls, "model_fields", {}) or [])
 
 
 def _format_error(error: dict, source: str) -> str:
@@ -319,7 +352,7 @@ def _format_error(error: dict, source: str) -> str:
     key = ".".join(str(p) for p in location) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(location)
+        allowed = _allowed_keys(tuple(error["loc"]))
         hint = difflib.get_close_matches(str(location[-1]), allowed, n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         expected = f"; allowed here: {', '.join(allowed)}" if allowed and not hint else ""
@@ -351,9 +384,9 @@ def validate(raw: Any, source: str) -> RunConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of config sections at the top level")
     try:
-        return RunConfig.model_validate(_normalise_numbers(raw))
+        return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
+        errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
         message = _format_error(errors[0], source)
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"

@@ -13,4 +13,7 @@ from pydantic import BaseModel, ConfigDict
 class StrictModel(BaseModel):
     """A config section: unknown keys rejected, immutable once validated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # Numbers given where text is expected (``run_dir=123``, ``wandb.name: 1.5``) are the text.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, coerce_numbers_to_str=True
+    )

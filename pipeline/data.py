@@ -139,13 +139,54 @@ def _open(url: str):
     return open(url, "rb", buffering=1 << 20)
 
 
+class _CountingReader:
+    """Passes reads through, counting bytes and keeping the last few KiB for the end check."""
+
+    TAIL = 1 << 15
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.total = 0
+        self.tail = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-self.TAIL :]
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _check_archive_end(reader: _CountingReader, end_of_members: int) -> None:
+    """A complete tar ends, right after its last member, in zero blocks (at least two).
+
+    Python's tarfile in stream mode takes a header cut short, or a garbled one, after the first
+    member for the end of the archive; without this check a damaged shard would lose its
+    remaining samples silently.
+    """
+    reader.drain()
+    trailer = reader.total - end_of_members
+    if trailer < 1024 or trailer > len(reader.tail) or reader.total % 512:
+        raise tarfile.ReadError(
+            f"archive ends abnormally after byte {end_of_members} of {reader.total}"
+        )
+    if reader.tail[len(reader.tail) - trailer :].count(0) != trailer:
+        raise tarfile.ReadError(f"unreadable data after byte {end_of_members}")
+
+
 def iter_raw_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a tar shard, in file order.
 
     Members are grouped by the part of their name before the first dot of the basename, the
     WebDataset convention. A damaged tar is a UserError naming the shard.
     """
-    stream = _open(url)
+    stream = _CountingReader(_open(url))
     current_key: str | None = None
     current: dict[str, bytes] = {}
     try:
@@ -167,6 +208,8 @@ def iter_raw_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                         yield current_key, current
                     current_key, current = key, {}
                 current[extension.lower()] = data
+            end_of_members = tar.offset
+        _check_archive_end(stream, end_of_members)
         if current_key is not None:
             yield current_key, current
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
@@ -386,6 +429,9 @@ class TrainingBatches:
             prefetch_factor=prefetch_factor if num_workers else None,
             persistent_workers=False,
             multiprocessing_context="fork" if num_workers and os.name == "posix" else None,
+            # Its own generator: otherwise each iter() draws the workers' base seed from the global
+            # torch RNG, and a resumed run's RNG would be one draw ahead of the uninterrupted one.
+            generator=torch.Generator().manual_seed(_mix(seed, rank, 0xD1)),
         )
         self._iterator = None
         self._pending: dict | None = None

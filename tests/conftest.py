@@ -48,3 +48,45 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
         timeout=timeout,
         cwd=cwd or REPO,
     )
+
+
+# --- small synthetic shards (added for the data, checkpoint and end-to-end tests) ------------------
+
+
+def make_id_shards(
+    directory: Path,
+    num_shards: int = 8,
+    per_shard: int = 6,
+    size: int = 8,
+    channels: int = 1,
+    split: str = "train",
+) -> Path:
+    """A prepared split (shards + manifest.json) whose images say which sample they are.
+
+    Sample ``i`` (0-based over the split) has row 0 filled with ``i`` (so ``images[:, 0, 0, 0]``
+    is the id whatever the flip) and row 1 a left-to-right ramp (so a horizontal flip shows).
+    At most 256 samples.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.writer import Sample, encode_image, write_split
+
+    total = num_shards * per_shard
+    assert total <= 256
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for index in range(total):
+        array = np.full((size, size), 255 - index, dtype=np.uint8)
+        array[0, :] = index
+        array[1, :] = np.arange(size, dtype=np.uint8) * (200 // size)
+        image = Image.fromarray(array, mode="L")
+        if channels == 3:
+            image = image.convert("RGB")
+        samples.append(Sample(image=encode_image(image, "png"), source=f"synthetic/{index}"))
+    write_split(
+        samples, directory, split=split, image_size=size, channels=channels, encoding="png",
+        samples_per_shard=per_shard, source="synthetic",
+    )
+    return directory

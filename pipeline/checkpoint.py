@@ -16,9 +16,15 @@ Layout of ``run_dir/checkpoints/``::
 All ranks write their own files into the staging directory, rank 0 gathers their sizes and hashes,
 writes the manifest, fsyncs and renames the directory; the rename is the commit point. Older
 checkpoints are pruned only after that. Loading scans from the newest, verifies the manifest,
-sizes and hashes, and falls back to the previous checkpoint (saying why) when one is damaged.
-Nothing loaded is unpickled as arbitrary objects: tensors come from safetensors or
-``torch.load(weights_only=True)``, everything else from JSON.
+sizes and hashes, and falls back to the previous checkpoint (saying why) when one is damaged;
+every file read afterwards is checked again against its hash. Nothing loaded is unpickled as
+arbitrary objects: tensors come from safetensors or ``torch.load(weights_only=True)``, everything
+else from JSON.
+
+`BackgroundWriter` does the same work on a thread (``checkpoint.async_save``): the trainer copies
+the state to host memory at a step boundary and training goes on; each rank's thread writes its
+files, the threads gather the records over their own gloo group, and rank 0's thread commits.
+docs/checkpoints.md says what is guaranteed.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +52,10 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "genpipe-checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
+
+# Test hook: the last rank stops for an hour after writing its files of this step, before the
+# commit, so a test can kill the job in the middle of a checkpoint write.
+PAUSE_IN_SAVE_ENV = "GENPIPE_PAUSE_IN_SAVE"
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
@@ -75,6 +86,44 @@ def encode_torch(obj: Any) -> bytes:
 
 def encode_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def snapshot(obj: Any, reuse: Any = None) -> Any:
+    """A copy of ``obj`` whose tensors are copies in host memory: training may change the
+    originals (in place, on any device) while a background thread encodes the copy.
+
+    ``reuse``, a previous snapshot of the same structure no longer in use, lends its tensors as
+    destinations: copying into memory already mapped is several times faster than allocating
+    it afresh (page faults), and CUDA sources get pinned buffers.
+    """
+    if isinstance(obj, torch.Tensor):
+        source = obj.detach()
+        if (
+            isinstance(reuse, torch.Tensor)
+            and reuse is not obj
+            and reuse.device.type == "cpu"
+            and reuse.shape == source.shape
+            and reuse.dtype == source.dtype
+        ):
+            return reuse.copy_(source)
+        if source.device.type == "cuda":
+            return torch.empty(source.shape, dtype=source.dtype, pin_memory=True).copy_(source)
+        return source.to("cpu", copy=True)
+    if isinstance(obj, dict):
+        reuse = reuse if isinstance(reuse, dict) else {}
+        return {key: snapshot(value, reuse.get(key)) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
+        return type(obj)(snapshot(value, previous) for value, previous in zip(obj, reuse))
+    return obj
+
+
+_ENCODERS = {"tensors": encode_tensors, "torch": encode_torch, "json": encode_json}
+
+
+def encode_parts(parts: dict[str, tuple[str, Any]]) -> dict[str, bytes]:
+    """{file name: (kind, object)} with kind "tensors" | "torch" | "json" -> {file name: bytes}."""
+    return {name: _ENCODERS[kind](obj) for name, (kind, obj) in parts.items()}
 
 
 def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
@@ -134,6 +183,13 @@ def write_files(staging: Path, files: dict[str, bytes]) -> dict[str, dict]:
     return {name: _write_durable(staging / name, data) for name, data in files.items()}
 
 
+def pause_for_tests(step: int, rank: int, world_size: int) -> None:
+    """The PAUSE_IN_SAVE_ENV hook (no effect unless that variable names this step)."""
+    if rank == world_size - 1 and os.environ.get(PAUSE_IN_SAVE_ENV) == str(step):
+        log.warning("%s=%d: pausing inside the checkpoint write", PAUSE_IN_SAVE_ENV, step)
+        time.sleep(3600)
+
+
 def commit(
     run_dir: str | os.PathLike,
     step: int,
@@ -156,10 +212,19 @@ def commit(
     _fsync_dir(staging)
     final = checkpoints_dir(run_dir) / step_dir_name(step)
     if final.exists():
-        # A checkpoint of this very step exists (e.g. a stop signal right after a periodic save):
-        # keep the complete one already there.
-        shutil.rmtree(staging)
-        return final
+        try:
+            verify(final)
+        except ValueError as exc:
+            # A damaged checkpoint of this step (the run resumed from an older one after skipping
+            # it, and has come back to the same step): set it aside, never keep it over this one.
+            aside = final.with_name(final.name + ".damaged")
+            log.warning("replacing damaged checkpoint %s (%s); it is kept as %s", final, exc, aside.name)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+        else:
+            # A complete checkpoint of this very step is already there: keep it.
+            shutil.rmtree(staging)
+            return final
     os.replace(staging, final)
     _fsync_dir(final.parent)
     prune(run_dir, keep_last)
@@ -242,7 +307,16 @@ class LoadedCheckpoint:
     manifest: dict
 
     def read(self, name: str) -> bytes:
-        return (self.path / name).read_bytes()
+        """A file's bytes, checked against the manifest's sha256 (the bytes actually decoded are
+        the bytes that were verified, whichever rank or node reads them)."""
+        data = (self.path / name).read_bytes()
+        record = self.manifest.get("files", {}).get(name)
+        if record is not None and hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise UserError(
+                f"checkpoint {self.path / name} does not match its sha256 in the manifest "
+                "(changed after it was verified, or unreadable from this node)"
+            )
+        return data
 
     def has(self, name: str) -> bool:
         return name in self.manifest.get("files", {})
@@ -275,3 +349,90 @@ def open_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
 def find_for_run(run_dir: str | os.PathLike) -> LoadedCheckpoint | None:
     found = latest_valid(run_dir)
     return LoadedCheckpoint(*found) if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Asynchronous saving
+
+
+class BackgroundWriter:
+    """One rank's checkpoint writes on a thread, at most one in flight.
+
+    Every rank calls `start` at the same step with its snapshot (host copies, see `snapshot`);
+    the thread encodes and writes the rank's files, all ranks' threads exchange their file
+    records over a gloo group of their own (so the training collectives are never involved), and
+    rank 0's thread writes the manifest and renames: a checkpoint is committed only after every
+    rank's files are on disk. `wait` blocks until the write in flight is finished and raises its
+    error, if it had one, in the training thread. The host copies are kept from one save to the
+    next and reused. Construct it on every rank at the same point (creating the process group is
+    a collective).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int):
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.world_size = world_size
+        self.keep_last = keep_last
+        self.group = None
+        if world_size > 1:
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo")
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._step: int | None = None
+        self._buffers: Any = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, step: int, images_seen: int, parts: dict[str, tuple[str, Any]], extra: dict) -> None:
+        """Copy ``parts`` (live state, see `encode_parts`) to host memory, then write in the background."""
+        self.wait()
+        copied = snapshot(parts, self._buffers)
+        self._buffers = copied
+        self._step = step
+        self._thread = threading.Thread(
+            target=self._write, args=(step, images_seen, copied, extra),
+            name=f"checkpoint-{step}", daemon=True,  # a dying process leaves only a staging dir
+        )
+        self._thread.start()
+
+    def wait(self) -> float:
+        """Seconds spent waiting for the write in flight (0 when none)."""
+        if self._thread is None:
+            return 0.0
+        started = time.perf_counter()
+        self._thread.join()
+        self._thread = None
+        waited = time.perf_counter() - started
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"asynchronous checkpoint of step {self._step} failed: {error}") from error
+        return waited
+
+    def _write(self, step: int, images_seen: int, parts: dict, extra: dict) -> None:
+        started = time.perf_counter()
+        try:
+            records: dict = write_files(staging_path(self.run_dir, step), encode_parts(parts))
+            pause_for_tests(step, self.rank, self.world_size)
+        except BaseException as exc:  # still take part in the exchange, or the others would hang
+            records = {"__error__": f"rank {self.rank}: {type(exc).__name__}: {exc}"}
+            self._error = exc
+        try:
+            gathered = [records]
+            if self.group is not None:
+                import torch.distributed as dist
+
+                gathered = [None] * self.world_size
+                dist.all_gather_object(gathered, records, group=self.group)
+            errors = [part["__error__"] for part in gathered if "__error__" in part]
+            if self.rank == 0 and not errors:
+                merged = {name: record for part in gathered for name, record in part.items()}
+                path = commit(self.run_dir, step, images_seen, merged, self.keep_last, extra)
+                log.info("checkpoint %s (written in the background in %.1fs)", path, time.perf_counter() - started)
+            elif self.rank == 0 and self._error is None:
+                self._error = RuntimeError("; ".join(errors) + " (nothing was committed)")
+        except BaseException as exc:
+            self._error = self._error or exc

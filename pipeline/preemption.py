@@ -44,6 +44,14 @@ def received_signal_name() -> str | None:
     return signal.Signals(_received).name if _received is not None else None
 
 
+def adopt(signum: int) -> None:
+    """Record a signal another process received, once all processes agreed to stop on it, so
+    every rank reports the same reason (e.g. rank 0 decides on requeueing)."""
+    global _received
+    if _received is None:
+        _received = signum
+
+
 def reset() -> None:
     global _received
     _received = None

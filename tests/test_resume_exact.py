@@ -1,0 +1,347 @@
+"""Kill a run at any moment, relaunch it, and the final weights are bit-for-bit the uninterrupted run's.
+
+Real `launch local --nproc 2` jobs (2 data workers per process) of a shrunk tiny DDPM. A SIGKILL
+here is what a cluster does when a job is cancelled or a node dies: every process of the job (the
+launcher, the trainers it started in their own sessions, their data workers) dies at once. The
+"random" moments come from a fixed `random.Random`, so a failure can be replayed; they are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import checkpoint
+from pipeline.preemption import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 24
+EVERY = 3
+SHRUNK = {
+    "data.num_workers": 2,
+    "data.batch_size": 8,
+    "model.base_channels": 8,
+    "model.norm_groups": 4,
+    "model.channel_mult": "[1,2]",
+    "model.attention_resolutions": "[16]",
+    "model.sample_steps": 2,
+    "train.max_steps": MAX_STEPS,
+    "train.warmup_steps": 4,
+    "train.log_every_steps": 1,  # metrics.jsonl then shows each step: the test's clock
+    "train.deterministic": "true",
+    "checkpoint.every_steps": EVERY,
+    "checkpoint.keep_last": 2,
+    "sample.every_steps": 0,
+    "sample.n": 2,
+    "eval.every_steps": 0,
+    "wandb.mode": "disabled",
+}
+LAUNCH_TIMEOUT_S = 240
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+
+class Job:
+    """One `launch local` of the run directory, in its own session."""
+
+    def __init__(self, digits_dir: Path, run_dir: Path, nproc: int = 2, env: dict | None = None, **extra):
+        values = {
+            "run_dir": run_dir,
+            "data.shards": digits_dir / "train",
+            "data.eval_shards": digits_dir / "test",
+            **SHRUNK,
+            **extra,
+        }
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = run_dir.parent / f"{run_dir.name}-launch-{len(list(run_dir.parent.glob(run_dir.name + '-launch-*')))}.log"
+        base = {k: v for k, v in os.environ.items() if not k.startswith("GENPIPE_")}
+        full_env = {**base, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", "local", "configs/tiny/ddpm.yaml",
+             *(f"{key}={value}" for key, value in values.items()), "--nproc", str(nproc)],
+            cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.started = time.monotonic()
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def fail(self, message: str):
+        self.kill()
+        pytest.fail(f"{message}\n--- {self.log_path} ---\n{self.output()[-6000:]}")
+
+    def wait(self, timeout: float = LAUNCH_TIMEOUT_S) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail(f"launch did not finish within {timeout}s")
+
+    def logged_step(self) -> int:
+        return last_logged_step(self.run_dir)
+
+    def wait_until(self, condition, what: str, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                self.fail(f"the job exited ({self.process.returncode}) before {what}")
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the job at once, as a cluster does; waits until all are gone."""
+        if self.process.poll() is not None and not _descendants(self.process.pid):
+            return
+        pids = _descendants(self.process.pid)
+        for group in [self.process.pid, *pids]:
+            # The launcher and each trainer lead a session; a trainer's data workers are in its group.
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, f"processes {pids} survived SIGKILL"
+            time.sleep(0.05)
+        self.log.close()
+
+    def terminate(self) -> None:
+        """SIGTERM to the launcher's process group, as Slurm's preemption or `scancel` sends it."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) from /proc (no psutil)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        table[int(entry)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(pid: int) -> list[int]:
+    table = _process_table()
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, state) in table.items():
+            if ppid == parent and state != "Z":
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    state = _process_table().get(pid)
+    return state is not None and state[1] != "Z"
+
+
+def last_logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [0]
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return max(steps)
+
+
+def finish(digits_dir: Path, run_dir: Path, **kwargs) -> Job:
+    job = Job(digits_dir, run_dir, **kwargs)
+    code = job.wait()
+    if code != 0:
+        job.fail(f"the final launch exited with {code}")
+    return job
+
+
+def final_state(run_dir: Path) -> tuple[dict, dict, dict]:
+    found = checkpoint.latest_valid(run_dir)
+    assert found is not None, f"no valid checkpoint in {run_dir}"
+    path, manifest = found
+    assert manifest["step"] == MAX_STEPS, f"newest checkpoint of {run_dir} is step {manifest['step']}"
+    optimizer = torch.load(path / "optimizer.pt", weights_only=True)["state"]
+    adam = {f"{index}.{key}": value for index, state in optimizer.items() for key, value in state.items()}
+    return load_file(path / "model.safetensors"), load_file(path / "ema.safetensors"), adam
+
+
+def assert_bit_identical(run_dir: Path, reference: Path) -> None:
+    for got, want, what in zip(final_state(run_dir), final_state(reference), ("model", "ema", "optimizer")):
+        assert got.keys() == want.keys()
+        different = [name for name in want if not torch.equal(got[name], want[name])]
+        assert not different, f"{what} tensors differ from the uninterrupted run: {different[:5]}"
+
+
+def no_staging_or_partial(run_dir: Path) -> None:
+    for path in checkpoint.checkpoints_dir(run_dir).iterdir():
+        assert not path.name.endswith(".staging"), f"{path} left behind"
+        if path.name.startswith("step-"):
+            checkpoint.verify(path)
+
+
+@pytest.fixture(scope="module")
+def digits(digits_dir) -> Path:
+    return digits_dir
+
+
+@pytest.fixture(scope="module")
+def reference(digits, tmp_path_factory) -> Path:
+    """The uninterrupted run (keeping all its checkpoints: keep_last does not affect training)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    finish(digits, run_dir, **{"checkpoint.keep_last": 100})
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_sigkill_at_random_moments_resumes_bit_exact(digits, reference, tmp_path):
+    rng = random.Random(5)
+    run_dir = tmp_path / "run"
+    # 1: anywhere in a step, before or after the first checkpoints.
+    target = rng.randint(2, 8)
+    delay = round(rng.uniform(0.0, 0.5), 2)
+    job = Job(digits, run_dir)
+    job.wait_until(lambda: job.logged_step() >= target, f"step {target}")
+    time.sleep(delay)
+    job.kill()
+    print(f"SIGKILL 1: {delay}s after step {target} was logged (logged: {job.logged_step()})")
+
+    # 2: in the middle of a checkpoint write: the last rank has written its files and pauses
+    # before the commit; rank 0 waits for it.
+    pause = EVERY * rng.randint(job.logged_step() // EVERY + 1, 5)
+    job = Job(digits, run_dir, env={checkpoint.PAUSE_IN_SAVE_ENV: str(pause)})
+    staging = checkpoint.staging_path(run_dir, pause)
+    job.wait_until(lambda: (staging / checkpoint.rank_file(1, "safetensors")).exists(), f"the write of step {pause}")
+    time.sleep(0.3)
+    job.kill()
+    print(f"SIGKILL 2: inside the write of checkpoint {pause}")
+    assert staging.is_dir() and not (staging / "manifest.json").exists()
+    assert not (checkpoint.checkpoints_dir(run_dir) / checkpoint.step_dir_name(pause)).exists()
+
+    # 3: later, anywhere.
+    target = max(rng.randint(pause + 2, MAX_STEPS - 3), job.logged_step() + 1)
+    delay = round(rng.uniform(0.0, 0.5), 2)
+    job = Job(digits, run_dir)
+    job.wait_until(lambda: job.logged_step() >= target, f"step {target}")
+    time.sleep(delay)
+    job.kill()
+    print(f"SIGKILL 3: {delay}s after step {target} was logged (logged: {job.logged_step()})")
+
+    job = finish(digits, run_dir)
+    assert "resumed from" in job.output()
+    no_staging_or_partial(run_dir)
+    assert_bit_identical(run_dir, reference)
+
+
+def test_sigterm_at_random_moments_resumes_bit_exact(digits, reference, tmp_path):
+    rng = random.Random(7)
+    run_dir = tmp_path / "run"
+    low = 2
+    for stop in (1, 2):
+        target = rng.randint(low, low + 8)
+        delay = round(rng.uniform(0.0, 0.5), 2)
+        job = Job(digits, run_dir)
+        job.wait_until(lambda: job.logged_step() >= target, f"step {target}")
+        time.sleep(delay)
+        job.terminate()
+        code = job.wait()
+        saved = checkpoint.latest_valid(run_dir)[1]["step"]
+        print(f"SIGTERM {stop}: {delay}s after step {target} was logged; stopped with {code} at step {saved}")
+        if code != EXIT_PREEMPTED:
+            job.fail(f"a stop signal should end the job with {EXIT_PREEMPTED}, got {code}")
+        assert saved == job.logged_step(), "the stop checkpoint is not at the last trained step"
+        low = saved + 2
+    finish(digits, run_dir)
+    no_staging_or_partial(run_dir)
+    assert_bit_identical(run_dir, reference)
+
+
+def test_async_save_is_atomic_and_resumes_bit_exact(digits, reference, tmp_path):
+    rng = random.Random(11)
+    run_dir = tmp_path / "run"
+    # SIGKILL while a background write is in flight: the last rank's thread has written its files
+    # and pauses; training goes on meanwhile (proving the save does not block it).
+    pause = EVERY * rng.randint(1, 3)
+    job = Job(digits, run_dir, env={checkpoint.PAUSE_IN_SAVE_ENV: str(pause)}, **{"checkpoint.async_save": "true"})
+    staging = checkpoint.staging_path(run_dir, pause)
+    job.wait_until(
+        lambda: (staging / checkpoint.rank_file(1, "safetensors")).exists() and job.logged_step() >= pause + 2,
+        f"training past step {pause} with its checkpoint in flight",
+    )
+    job.kill()
+    print(f"SIGKILL: during the background write of checkpoint {pause}, at step {job.logged_step()}")
+    assert not (checkpoint.checkpoints_dir(run_dir) / checkpoint.step_dir_name(pause)).exists()
+    assert not (staging / "manifest.json").exists()
+
+    # SIGTERM with async saves on: the stop checkpoint is committed before the job exits.
+    target = rng.randint(pause + 3, MAX_STEPS - 4)
+    job = Job(digits, run_dir, **{"checkpoint.async_save": "true"})
+    job.wait_until(lambda: job.logged_step() >= target, f"step {target}")
+    job.terminate()
+    code = job.wait()
+    saved = checkpoint.latest_valid(run_dir)[1]["step"]
+    print(f"SIGTERM: after step {target} was logged; stopped with {code} at step {saved}")
+    if code != EXIT_PREEMPTED:
+        job.fail(f"a stop signal should end the job with {EXIT_PREEMPTED}, got {code}")
+    assert saved == job.logged_step()
+
+    job = finish(digits, run_dir, **{"checkpoint.async_save": "true"})
+    assert "writing in the background" in job.output()
+    no_staging_or_partial(run_dir)
+    assert_bit_identical(run_dir, reference)
+
+
+def test_changing_the_process_count_resumes_with_a_warning(digits, reference, tmp_path):
+    # A 2-process run stopped at step 9: the reference run's directory without its later checkpoints.
+    stopped = 9
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    for step, path in checkpoint.list_checkpoints(run_dir):
+        if step > stopped:
+            shutil.rmtree(path)
+
+    job = finish(digits, run_dir, nproc=1)
+    output = job.output()
+    assert "resuming a 2-process checkpoint with 1 processes" in output
+    assert "data stream cannot resume exactly" in output
+    assert f"resumed from {checkpoint.checkpoints_dir(run_dir) / checkpoint.step_dir_name(stopped)}" in output
+    path, manifest = checkpoint.latest_valid(run_dir)
+    assert manifest["step"] == MAX_STEPS and manifest["world_size"] == 1
+    trainer_state = json.loads((path / "trainer.json").read_text())
+    # Images seen continue from the 2-process run: 8 per process and step before, 8 per step after.
+    assert trainer_state["images_seen"] == stopped * 16 + (MAX_STEPS - stopped) * 8

@@ -46,6 +46,14 @@ def preflight(config: RunConfig, nproc: int) -> None:
     if data.eval_shards is not None:
         held_out = resolve_shards(data.eval_shards, "data.eval_shards")
         check_shards_match(held_out, data.image_size, data.channels, "data.eval_shards")
+    # Model-level mistakes (attention at an unreachable resolution, sizes that do not divide)
+    # surface here, before any process starts; the meta device allocates nothing.
+    import torch
+
+    from pipeline import models
+
+    with torch.device("meta"):
+        models.build(config.model, data.image_size, data.channels)
     run_dir = Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run_dir: {run_dir} exists and is not a directory")

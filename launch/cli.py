@@ -27,6 +27,12 @@ def _sample(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from launch.evaluate import launch_eval
+
+    return launch_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--checkpoint", default=None, help="a specific checkpoint directory")
     sample.add_argument("--device", default="cpu")
     sample.set_defaults(func=_sample)
+
+    from launch.evaluate import add_arguments as add_eval_arguments
+
+    evaluate = commands.add_parser("eval", help="held-out bits/dim of a run's checkpoint, as JSON")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=_eval)
 
     try:
         from launch import slurm

@@ -1,0 +1,289 @@
+"""``launch eval``: held-out bits/dim (and with ``--fid N`` FID/KID) of a run's checkpoint, as JSON.
+
+The run's resolved config names the model and, unless ``--shards`` is given, the held-out shards
+(``data.eval_shards``). The newest intact checkpoint (or ``--checkpoint``) is evaluated with the
+EMA weights when the run has them (``--no-ema``: the raw weights), by the same reduction the
+trainer logs as ``eval/bits_per_dim`` (`pipeline.evaluate`). The result is printed to stdout and
+written to ``RUN_DIR/eval/step-XXXXXXXXX.json``.
+
+With ``--nproc N`` this command starts N processes (``python -m launch.evaluate``, torchrun-style
+environment, gloo) that each evaluate their share of the shards and all-reduce the sums; the
+checkpoint is chosen once, here, so every process loads the same one. Stochastic bounds (VAE,
+flow dequantisation, diffusion) draw their noise from a seed per process (``--seed``), so a
+result is reproducible for a given process count; the exact likelihood (autoregressive) does not
+depend on it.
+
+``--fid N`` also generates N images (shared out over the processes, seeded per process) and
+computes FID and KID against the same held-out shards with the run's ``eval`` settings
+(``eval.inception_weights``, ``eval.fid_feature_network``; ``--inception-weights`` and
+``--fid-network`` override them); the reference statistics are cached beside the shards'
+manifest (`pipeline.fid`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError, one_line
+
+# torch, the data readers and the models are imported where used, so that building the
+# ``launch`` argument parser (which registers this command) stays quick.
+
+_EVAL_OPTIONS = ("iwae_samples",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``launch eval`` (shared with the worker entry point)."""
+    parser.add_argument("run_dir")
+    parser.add_argument("--shards", default=None,
+                        help="held-out shards (directory, brace pattern or tar); default: the "
+                             "run's data.eval_shards")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use the EMA weights when the run has them (default)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="evaluate at most this many images (default: all)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per batch per process (default: eval.batch_size or data.batch_size)")
+    parser.add_argument("--nproc", type=int, default=1, help="evaluation processes")
+    parser.add_argument("--iwae-samples", type=int, default=None,
+                        help="vae only: importance samples K of the IWAE bound (1: the ELBO)")
+    parser.add_argument("--checkpoint", default=None, help="a specific checkpoint directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bounds' noise")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, or auto (cuda:LOCAL_RANK when a GPU is present)")
+    parser.add_argument("--fid", type=int, default=None, metavar="N",
+                        help="also FID and KID of N generated images against the held-out shards")
+    parser.add_argument("--inception-weights", default=None,
+                        help="local FID Inception weights file (default: the run's eval.inception_weights)")
+    parser.add_argument("--fid-network", choices=("inception", "random_conv"), default=None,
+                        help="feature network of FID/KID (default: the run's eval.fid_feature_network)")
+
+
+def _check_arguments(args) -> None:
+    for name in ("max_images", "batch_size", "nproc", "iwae_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    if args.fid is not None and args.fid < 2:
+        raise UserError(f"--fid must be at least 2 (got {args.fid})")
+
+
+def _choose_checkpoint(run_dir: str, checkpoint_path: str | None) -> Path:
+    from launch.sample import load_run_config
+    from pipeline import checkpoint
+
+    load_run_config(run_dir)  # a clear error for a path that is not a run directory
+    if checkpoint_path is not None:
+        return checkpoint.open_checkpoint(checkpoint_path).path
+    found = checkpoint.latest_valid(run_dir)
+    if found is None:
+        raise UserError(f"{run_dir}: no intact checkpoint to evaluate (has it trained yet?)")
+    return found[0]
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _process_seed(seed: int, rank: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(("eval", seed, rank)).encode()).digest()[:4], "little")
+
+
+def evaluate_run(args) -> dict | None:
+    """Evaluate in this process (one of WORLD_SIZE); the result on rank 0, None on the others."""
+    import torch
+
+    from launch.sample import load_model
+    from pipeline.data import check_shards_match, resolve_shards
+    from pipeline.evaluate import held_out_bits_per_dim
+
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.checkpoint is None:
+        args.checkpoint = str(_choose_checkpoint(args.run_dir, None))
+    device = _device(args.device)
+    model, manifest, config = load_model(args.run_dir, args.ema, args.checkpoint, str(device))
+    used_ema = bool(args.ema and "ema.safetensors" in manifest.get("files", {}))
+
+    family = config.model.family
+    options = {}
+    if args.iwae_samples is not None:
+        if family != "vae":
+            raise UserError(f"--iwae-samples applies to the vae family only (this run is {family})")
+        options["iwae_samples"] = args.iwae_samples
+
+    data = config.data
+    if args.shards is not None:
+        spec, key = args.shards, "--shards"
+    elif data.eval_shards is not None:
+        spec, key = data.eval_shards, "data.eval_shards"
+    else:
+        raise UserError(f"{args.run_dir}: the run's config has no data.eval_shards; pass --shards")
+    shards = resolve_shards(spec, key)
+    check_shards_match(shards, data.image_size, data.channels, key)
+    if len(shards.urls) < world_size:
+        raise UserError(
+            f"{key}: {len(shards.urls)} shard(s) for {world_size} processes; every process needs "
+            "at least one shard: lower --nproc"
+        )
+
+    extractor = _fid_extractor(args, config, device) if args.fid is not None else None  # fails early
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(_process_seed(args.seed, rank))
+    autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.mixed_precision]
+    bits_per_dim, images = held_out_bits_per_dim(
+        model,
+        shards,
+        image_size=data.image_size,
+        channels=data.channels,
+        batch_size=args.batch_size or config.eval.batch_size or data.batch_size,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        num_workers=0,
+        max_images=args.max_images,
+        autocast_dtype=autocast_dtype,
+        **options,
+    )
+    quality = None
+    if args.fid is not None:
+        quality = _fid_and_kid(args, extractor, model, config, shards, device, rank, world_size, autocast_dtype)
+    if rank != 0:
+        return None
+    result = {
+        "bits_per_dim": bits_per_dim,
+        "kind": model.bits_per_dim_kind,
+        "images": images,
+        "step": int(manifest["step"]),
+        "checkpoint": args.checkpoint,
+        "shards": spec,
+        "ema": used_ema,
+        "family": family,
+    }
+    if options:
+        result.update(options)
+    if quality is not None:
+        result.update(quality)
+    return result
+
+
+def _fid_settings(args, config):
+    """The run's eval section with the command line's feature-network options applied."""
+    return config.eval.model_copy(update={
+        key: value for key, value in (("inception_weights", args.inception_weights),
+                                      ("fid_feature_network", args.fid_network)) if value is not None
+    })
+
+
+def _fid_extractor(args, config, device):
+    from pipeline import fid
+
+    return fid.build_extractor(_fid_settings(args, config), device)
+
+
+def _fid_and_kid(args, extractor, model, config, shards, device, rank: int, world_size: int,
+                 autocast_dtype) -> dict | None:
+    """FID/KID of ``args.fid`` samples against ``shards``; every process calls it, rank 0 gets it."""
+    import torch
+
+    from pipeline import fid
+
+    evaluation = _fid_settings(args, config)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    result = fid.fid_and_kid(
+        model, extractor, shards, num_images=args.fid, image_size=config.data.image_size,
+        channels=config.data.channels, batch_size=args.batch_size or config.eval.batch_size or config.data.batch_size,
+        rank=rank, world_size=world_size, reference_images=evaluation.fid_reference_images, seed=args.seed,
+        kid_subsets=evaluation.kid_subsets, kid_subset_size=evaluation.kid_subset_size,
+        autocast=autocast if autocast_dtype is not None else None, **config.sample.options,
+    )
+    if result is None:
+        return None
+    return {"fid": result["fid"], "kid": result["kid"], "kid_std": result["kid_std"],
+            "fid_images": int(result["fid_images"]), "fid_reference_images": int(result["fid_reference_images"]),
+            "fid_network": extractor.id}
+
+
+def write_result(run_dir: str, result: dict) -> Path:
+    """``RUN_DIR/eval/step-XXXXXXXXX.json``, written atomically."""
+    path = Path(run_dir) / "eval" / f"step-{result['step']:09d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def _evaluate_and_report(args) -> int:
+    result = evaluate_run(args)
+    if result is not None:
+        write_result(args.run_dir, result)
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def launch_eval(args) -> int:
+    """The ``launch eval`` command: this process, or N worker processes."""
+    _check_arguments(args)
+    args.checkpoint = str(_choose_checkpoint(args.run_dir, args.checkpoint))
+    if args.nproc == 1:
+        return _evaluate_and_report(args)
+    from launch.local import _wait, free_port
+
+    command = [sys.executable, "-m", "launch.evaluate", args.run_dir, "--checkpoint", args.checkpoint,
+               "--seed", str(args.seed), "--device", args.device, "--ema" if args.ema else "--no-ema"]
+    for name in ("shards", "max_images", "batch_size", "iwae_samples", "fid", "inception_weights", "fid_network"):
+        value = getattr(args, name)
+        if value is not None:
+            command += [f"--{name.replace('_', '-')}", str(value)]
+    port = free_port()
+    threads = max(1, (os.cpu_count() or 1) // args.nproc)
+    processes = []
+    for rank in range(args.nproc):
+        env = dict(os.environ)
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc),
+                   LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONUNBUFFERED="1")
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        processes.append(subprocess.Popen(command, env=env))
+    return _wait(processes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launch.evaluate RUN_DIR ...``: one evaluation process (a worker of --nproc)."""
+    parser = argparse.ArgumentParser(prog="python -m launch.evaluate", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        _check_arguments(args)
+        return _evaluate_and_report(args)
+    except UserError as exc:
+        rank = os.environ.get("RANK", "0")
+        tag = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"launch: error: {tag}{one_line(exc)}", file=sys.stderr)
+        return UserError.exit_code
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""`launch slurm | status | cancel`: training jobs on a Slurm cluster through submitit.
+"""`launch slurm | cancel`: training jobs on a Slurm cluster through submitit (`launch status`,
+launch/status.py, reads their job state with the functions here).
 
 Launcher side: `submit` validates the config, writes the resolved config into the run directory
 and submits one sbatch job (submitit's `SlurmExecutor`, files in ``run_dir/slurm/``) with one
@@ -288,50 +289,6 @@ def read_progress(run_dir: Path) -> dict[str, Any]:
     return last
 
 
-def last_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint (one with a manifest) and its manifest."""
-    folder = Path(run_dir) / "checkpoints"
-    complete = sorted(p for p in folder.glob("step-*") if (p / "manifest.json").is_file())
-    if not complete:
-        return None
-    return complete[-1], json.loads((complete[-1] / "manifest.json").read_text())
-
-
-def status_lines(run_dir: Path) -> list[str]:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() and not _run_dir_slurm(run_dir).is_dir():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    lines = [f"run dir:     {run_dir}"]
-    job = read_job(run_dir)
-    if job is None:
-        lines.append("job:         none submitted with `launch slurm`")
-    else:
-        info = job_state(job["job_id"])
-        state = info.get("JobState", "unknown (no longer known to Slurm)")
-        if info.get("JobState") and info["JobState"] not in ACTIVE_STATES:
-            state += f", exit status {exit_status(info)}"
-        requeues = _read_requeues(run_dir, job["job_id"])
-        lines.append(f"job:         {job['job_id']} ({state}; requeued {requeues}x)")
-        if info.get("NodeList") and info["NodeList"] != "(null)":
-            lines.append(f"nodes:       {info['NodeList']}")
-        lines.append(f"log:         {job['stdout']}")
-    progress = read_progress(run_dir)
-    if progress:
-        lines.append(f"step:        {progress.get('step')}")
-        lines.append(f"images seen: {progress.get('images_seen')}")
-        if progress.get("images_per_s") is not None:
-            lines.append(f"throughput:  {progress['images_per_s']:.1f} images/s")
-    else:
-        lines.append("step:        no metrics yet")
-    checkpoint = last_checkpoint(run_dir)
-    if checkpoint:
-        path, manifest = checkpoint
-        lines.append(f"checkpoint:  {path} (step {manifest.get('step')}, {manifest.get('images_seen')} images)")
-    else:
-        lines.append("checkpoint:  none yet")
-    return lines
-
-
 def cancel(run_dir: Path) -> str:
     """``scancel`` the run's current job: SIGTERM, the trainer saves and exits, no requeue."""
     job = read_job(Path(run_dir))
@@ -507,7 +464,7 @@ def _now() -> str:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register the ``slurm``, ``status`` and ``cancel`` subcommands."""
+    """Register the ``slurm``, ``status`` (launch/status.py) and ``cancel`` subcommands."""
     slurm = subparsers.add_parser(
         "slurm",
         help="submit a training job to Slurm (multi-node, requeued on preemption)",
@@ -523,9 +480,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     slurm.add_argument("--poll-s", type=float, default=10.0, help=argparse.SUPPRESS)
     slurm.set_defaults(func=_cmd_slurm)
 
-    status = subparsers.add_parser("status", help="job state and progress of a run directory")
-    status.add_argument("run_dir")
-    status.set_defaults(func=_cmd_status)
+    from launch import status  # `launch status` reads any run directory, Slurm or not
+
+    status.add_command(subparsers)
 
     cancel_parser = subparsers.add_parser(
         "cancel", help="cancel a run's Slurm job (it saves a checkpoint first; not requeued)")
@@ -549,12 +506,6 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.flush()
     return wait(Path(config.run_dir), info["job_id"], poll_s=args.poll_s)
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    for line in status_lines(Path(args.run_dir)):
-        print(line)
-    return 0
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:

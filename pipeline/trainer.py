@@ -33,8 +33,9 @@ import torch.distributed as dist
 
 from pipeline import checkpoint, config as config_module, images, models, preemption
 from pipeline.config import RunConfig
-from pipeline.data import TrainingBatches, check_shards_match, eval_batches, resolve_shards, shards_for_reader
+from pipeline.data import TrainingBatches, check_shards_match, resolve_shards, shards_for_reader
 from pipeline.ema import EMA
+from pipeline.evaluate import held_out_bits_per_dim
 from pipeline.errors import UserError
 from pipeline.tracking import MetricsFile, make_tracker
 
@@ -96,7 +97,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -172,6 +173,11 @@ class Trainer:
         self.step = 0
         self.images_seen = 0
         self.last_saved_step = -1
+        self.checkpoint_writer = (
+            checkpoint.BackgroundWriter(self.run_dir, self.rank, self.world_size, config.checkpoint.keep_last)
+            if config.checkpoint.async_save
+            else None
+        )
         data_state = self._restore()
 
         data = config.data
@@ -241,6 +247,10 @@ class Trainer:
         for variable in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_NUM_NODES"):
             if variable in os.environ:
                 tracked[variable.lower()] = os.environ[variable]
+        from pipeline import tracking
+
+        tracked.update(tracking.code_version())
+        _check_fid_config(self.config)  # here, at start-up: a missing weights file fails now
         return tracked
 
     def _write_rank_record(self, event: str, **fields) -> None:
@@ -270,15 +280,17 @@ class Trainer:
         """Load the newest intact checkpoint of the run directory, if any; returns the data state."""
         if self.is_main:
             checkpoint.remove_staging(self.run_dir)
+        # Rank 0 chooses (verifying every hash once); the others take its choice and manifest, and
+        # every file any rank reads is checked against the manifest as it is read.
         choice = [None]
         if self.is_main:
             found = checkpoint.latest_valid(self.run_dir)
-            choice = [str(found[0]) if found else None]
+            choice = [(str(found[0]), found[1]) if found else None]
         if self.world_size > 1:
             dist.broadcast_object_list(choice, src=0)
         if choice[0] is None:
             return None
-        loaded = checkpoint.open_checkpoint(choice[0])
+        loaded = checkpoint.LoadedCheckpoint(Path(choice[0][0]), choice[0][1])
         try:
             self.raw_model.load_state_dict(loaded.tensors("model.safetensors"))
             if self.ema is not None:
@@ -308,21 +320,35 @@ class Trainer:
             data_state = rank_state["data"]
         else:
             # Different process count: weights, optimizer and step carry over; randomness is
-            # reseeded from the step, and the data stream restarts (see pipeline/data.py).
+            # reseeded from the step, and every data reader starts the epoch after the furthest
+            # one any reader of the saved run had reached (pipeline/data.py warns).
             self._seed_process(self.config.seed + self.step, self.rank)
-            first = loaded.json(checkpoint.rank_file(0, "json"))
-            data_state = {"num_readers": None, "positions": first["data"]["positions"]}
+            positions = {}
+            for saved_rank in range(saved_world):
+                name = checkpoint.rank_file(saved_rank, "json")
+                if loaded.has(name):
+                    positions.update(loaded.json(name)["data"]["positions"])
+            data_state = {"num_readers": None, "positions": positions}
             if self.is_main:
                 log.warning(
                     "resuming a %d-process checkpoint with %d processes: weights, optimizer and "
-                    "step are restored; random streams are reseeded", saved_world, self.world_size
+                    "step are restored; random streams are reseeded and the data stream restarts "
+                    "(not the stream an uninterrupted run would have read)", saved_world, self.world_size
                 )
         if self.is_main:
             log.info("resumed from %s (step %d, %d images seen)", loaded.path, self.step, self.images_seen)
         return data_state
 
-    def save_checkpoint(self) -> None:
-        """All ranks together: stage, write, hash, commit, prune."""
+    def save_checkpoint(self, final: bool = False) -> None:
+        """All ranks together: stage, write, hash, commit, prune (pipeline/checkpoint.py).
+
+        With ``checkpoint.async_save`` the state is copied to host memory here and a background
+        thread writes it; the next save waits for that write first, and a ``final`` save (the end
+        of training, a stop signal) returns only when its checkpoint is committed.
+        """
+        writer = self.checkpoint_writer
+        if writer is not None:
+            writer.wait()
         if self.step == self.last_saved_step:
             return
         started = time.perf_counter()
@@ -331,27 +357,37 @@ class Trainer:
         self._barrier()
         staging = checkpoint.staging_path(self.run_dir, self.step)
         rng_plain, rng_tensors = _rng_state()
-        files = {
-            checkpoint.rank_file(self.rank, "json"): checkpoint.encode_json(
-                {"rng": rng_plain, "data": self.batches.state_dict()}
-            ),
-            checkpoint.rank_file(self.rank, "safetensors"): checkpoint.encode_tensors(rng_tensors),
+        parts = {
+            checkpoint.rank_file(self.rank, "json"): ("json", {"rng": rng_plain, "data": self.batches.state_dict()}),
+            checkpoint.rank_file(self.rank, "safetensors"): ("tensors", rng_tensors),
         }
         if self.is_main:
-            files["model.safetensors"] = checkpoint.encode_tensors(self.raw_model.state_dict())
+            parts["model.safetensors"] = ("tensors", self.raw_model.state_dict())
             if self.ema is not None:
-                files["ema.safetensors"] = checkpoint.encode_tensors(self.ema.state_dict())
-            files["optimizer.pt"] = checkpoint.encode_torch(self.optimizer.state_dict())
-            files["trainer.json"] = checkpoint.encode_json(
+                parts["ema.safetensors"] = ("tensors", self.ema.state_dict())
+            parts["optimizer.pt"] = ("torch", self.optimizer.state_dict())
+            parts["trainer.json"] = (
+                "json",
                 {
                     "step": self.step,
                     "images_seen": self.images_seen,
                     "world_size": self.world_size,
                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                     "family": self.config.model.family,
-                }
+                },
             )
-        records = checkpoint.write_files(staging, files)
+        extra = {"world_size": self.world_size, "family": self.config.model.family}
+        self.last_saved_step = self.step
+        if writer is not None:
+            writer.start(self.step, self.images_seen, parts, extra)
+            if self.is_main:
+                log.info("checkpoint of step %d: state copied in %.2fs, writing in the background",
+                         self.step, time.perf_counter() - started)
+            if final:
+                writer.wait()
+            return
+        records = checkpoint.write_files(staging, checkpoint.encode_parts(parts))
+        checkpoint.pause_for_tests(self.step, self.rank, self.world_size)
         gathered = [None] * self.world_size
         if self.world_size > 1:
             dist.all_gather_object(gathered, records)
@@ -360,16 +396,10 @@ class Trainer:
         if self.is_main:
             merged = {name: record for part in gathered for name, record in part.items()}
             path = checkpoint.commit(
-                self.run_dir,
-                self.step,
-                self.images_seen,
-                merged,
-                self.config.checkpoint.keep_last,
-                extra={"world_size": self.world_size, "family": self.config.model.family},
+                self.run_dir, self.step, self.images_seen, merged, self.config.checkpoint.keep_last, extra
             )
             log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - started)
         self._barrier()
-        self.last_saved_step = self.step
 
     # -- the training step --------------------------------------------------------------------
 
@@ -423,14 +453,18 @@ class Trainer:
         return dict(zip(names, values))
 
     def _stop_agreed(self) -> bool:
-        local = preemption.stop_requested()
+        """Whether any process received a stop signal; all processes adopt the same signal."""
+        local = preemption.received_signal() or 0
         if self.world_size == 1:
-            return local
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+            return local != 0
+        flag = torch.tensor([int(local)], dtype=torch.int64)
         if self.control_group is None:
             flag = flag.to(self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(flag.item())
+        agreed = int(flag.item())
+        if agreed:
+            preemption.adopt(agreed)
+        return agreed != 0
 
     def sampling_model(self, use_ema: bool) -> torch.nn.Module:
         return self.ema.model if (use_ema and self.ema is not None) else self.raw_model
@@ -453,38 +487,38 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean held-out bits/dim over all processes."""
+        """Mean held-out bits/dim over all processes (the same computation as ``launch eval``)."""
         evaluation = self.config.eval
-        model = self.sampling_model(evaluation.use_ema)
-        was_training = model.training
-        model.eval()
-        loader = eval_batches(
+        data = self.config.data
+        bits_per_dim, count = held_out_bits_per_dim(
+            self.sampling_model(evaluation.use_ema),
             self.eval_shards,
+            image_size=data.image_size,
+            channels=data.channels,
+            batch_size=evaluation.batch_size or data.batch_size,
+            device=self.device,
             rank=self.rank,
             world_size=self.world_size,
-            num_workers=min(self.config.data.num_workers, 2),
-            batch_size=evaluation.batch_size or self.config.data.batch_size,
-            image_size=self.config.data.image_size,
-            channels=self.config.data.channels,
+            num_workers=min(data.num_workers, 2),
             max_images=evaluation.max_images,
+            autocast_dtype=self.autocast_dtype,
         )
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in loader:
-            with self._autocast():
-                bits = model.bits_per_dim(batch.to(self.device))
-            total[0] += bits.double().sum()
-            total[1] += bits.numel()
-        model.train(was_training)
-        if self.world_size > 1:
-            dist.all_reduce(total)
-        bits_per_dim, count = total.tolist()
-        return {"eval/bits_per_dim": bits_per_dim / max(count, 1), "eval/images": count}
+        return {"eval/bits_per_dim": bits_per_dim, "eval/images": count}
 
     # -- the loop -----------------------------------------------------------------------------
 
     def fit(self) -> int:
         config = self.config
         train = config.train
+        if self.step >= train.max_steps:
+            # Relaunching a finished run: nothing to train, sample or save again.
+            if self.is_main:
+                log.info("the run already reached train.max_steps=%d; nothing to do", train.max_steps)
+            self.batches.close()
+            if self.metrics_file is not None:
+                self.metrics_file.close()
+            self.tracker.finish(exit_code=0)
+            return 0
         if self.is_main:
             log.info(
                 "training %s: %d parameters, %d process(es), global batch %d, from step %d to %d",
@@ -536,6 +570,7 @@ class Trainer:
                     }
                     if self.scaler.is_enabled():
                         record["loss_scale"] = self.scaler.get_scale()
+                    record.update(_performance_fields(self, record["images_per_s"]))
                     self._log(record, progress)
                     sums, window_steps, window_wait = {}, 0, 0.0
                     window_start = time.perf_counter()
@@ -551,13 +586,13 @@ class Trainer:
                 if step % train.signal_check_every_steps == 0 and step < train.max_steps and self._stop_agreed():
                     name = preemption.received_signal_name() or "a signal on another process"
                     log.info("stop requested (%s): saving at step %d", name, step)
-                    self.save_checkpoint()
+                    self.save_checkpoint(final=True)
                     exit_code = preemption.EXIT_PREEMPTED
                     break
             if exit_code == 0:
                 if config.sample.every_steps == 0 or self.step % config.sample.every_steps != 0:
                     self.write_samples()
-                self.save_checkpoint()
+                self.save_checkpoint(final=True)
         finally:
             if progress is not None:
                 progress.close()
@@ -574,6 +609,8 @@ class Trainer:
         return exit_code
 
     def _log(self, record: dict, progress) -> None:
+        if _fid_due(self, record):  # collective: every rank logs the same records
+            record = {**record, **_fid_metrics(self)}
         if not self.is_main:
             return
         record = {"time": time.time(), **record}
@@ -586,13 +623,101 @@ class Trainer:
             summary = " ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in record.items()
-                if k in ("step", "loss", "grad_norm", "images_per_s", "eval/bits_per_dim")
+                if k in ("step", "loss", "grad_norm", "images_per_s", "mfu", "eval/bits_per_dim", "eval/fid", "eval/kid")
             )
             log.info(summary)
 
 
 def _tracked_name(key: str) -> str:
     return key if "/" in key else f"train/{key}"
+
+
+def _performance_fields(trainer: Trainer, images_per_s: float) -> dict[str, float]:
+    """MFU where the device's peak is known (pipeline/tracking.py), and the window's peak GPU
+    memory of this process. FLOPs per image are counted once, at the first logged step."""
+    from pipeline import tracking
+
+    state = trainer.__dict__.setdefault("_performance", {})
+    if "flops_per_image" not in state:
+        config = trainer.config
+        state["peak"] = tracking.peak_flops(trainer.device, config.train.mixed_precision, config.wandb.peak_tflops)
+        state["flops_per_image"] = None
+        if state["peak"] is not None and trainer.is_main:
+            example = torch.randint(0, 256, (2, config.data.channels, config.data.image_size, config.data.image_size),
+                                    dtype=torch.uint8, device=trainer.device)
+            state["flops_per_image"] = tracking.flops_per_image(trainer.raw_model, example, trainer._autocast())
+            log.info("%.4g training FLOPs per image (forward+backward); peak %.4g FLOP/s per device",
+                     state["flops_per_image"], state["peak"])
+    fields = {}
+    if state["flops_per_image"]:
+        fields["mfu"] = images_per_s * state["flops_per_image"] / (state["peak"] * trainer.world_size)
+    if trainer.device.type == "cuda":
+        fields["gpu_mem_max_allocated_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    return fields
+
+
+def _check_fid_config(config: RunConfig) -> None:
+    evaluation = config.eval
+    if not evaluation.fid_images:
+        return
+    if config.data.eval_shards is None:
+        raise UserError("eval.fid_images is set but data.eval_shards (the reference images) is not")
+    if evaluation.fid_feature_network == "inception":
+        from pipeline import fid
+
+        fid.check_inception_weights(evaluation.inception_weights)
+
+
+def _fid_due(trainer: Trainer, record: dict) -> bool:
+    """FID rides on the evaluation record (``eval.fid_every_steps`` 0), or on the first training
+    record at or after each multiple of ``eval.fid_every_steps``."""
+    evaluation = trainer.config.eval
+    if not evaluation.fid_images or trainer.eval_shards is None:
+        return False
+    if not evaluation.fid_every_steps:
+        return "eval/bits_per_dim" in record
+    if "loss" not in record:
+        return False
+    state = trainer.__dict__.setdefault("_fid", {})
+    period = record["step"] // evaluation.fid_every_steps
+    last = state.setdefault("last_period", (record["step"] - 1) // evaluation.fid_every_steps)
+    if period <= last:
+        return False
+    state["last_period"] = period
+    return True
+
+
+def _fid_metrics(trainer: Trainer) -> dict[str, float]:
+    """FID/KID of ``eval.fid_images`` samples, generated and featurised by all processes."""
+    from pipeline import fid
+
+    evaluation, data = trainer.config.eval, trainer.config.data
+    state = trainer.__dict__.setdefault("_fid", {})
+    if "extractor" not in state:
+        state["extractor"] = fid.build_extractor(evaluation, trainer.device)
+    started = time.perf_counter()
+    try:
+        result = fid.fid_and_kid(
+            trainer.sampling_model(evaluation.use_ema), state["extractor"], trainer.eval_shards,
+            num_images=evaluation.fid_images, image_size=data.image_size, channels=data.channels,
+            batch_size=evaluation.batch_size or data.batch_size, rank=trainer.rank, world_size=trainer.world_size,
+            reference_images=evaluation.fid_reference_images, seed=trainer.config.sample.seed,
+            kid_subsets=evaluation.kid_subsets, kid_subset_size=evaluation.kid_subset_size,
+            autocast=trainer._autocast, **trainer.config.sample.options,
+        )
+    except ValueError as exc:  # rank 0 only, after the last collective: the others carry on
+        log.warning("FID/KID skipped: %s", exc)
+        return {}
+    if result is None:
+        return {}
+    return {
+        "eval/fid": result["fid"],
+        "eval/kid": result["kid"],
+        "eval/kid_std": result["kid_std"],
+        "eval/fid_images": int(result["fid_images"]),
+        "eval/fid_seconds": time.perf_counter() - started,
+    }
 
 
 def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
@@ -627,6 +752,9 @@ def run(config: RunConfig) -> int:
     trainer = Trainer(config)
     try:
         return trainer.fit()
+    except BaseException:
+        trainer.tracker.finish(exit_code=1)
+        raise
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

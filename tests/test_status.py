@@ -1,0 +1,130 @@
+"""`launch status` (launch/status.py) on run directories written here: the fields it reports,
+the ETA across a relaunch, the Slurm job line, `--plot`, and its errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from launch import slurm, status
+from pipeline import config as config_module, images
+from pipeline.errors import UserError
+
+START = 1_700_000_000.0
+
+
+def make_run(run_dir: Path, steps=range(10, 51, 10), max_steps: int = 100, relaunched: bool = False) -> Path:
+    """A run directory as the trainer leaves it: config, metrics (1 s per 10 steps), a checkpoint
+    and a sample grid."""
+    config = config_module.load(REPO / "configs/tiny/ddpm.yaml", [f"run_dir={run_dir}", f"train.max_steps={max_steps}"])
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config_module.dump_yaml(config))
+    records = []
+    for step in steps:
+        records.append({"time": START + step / 10, "step": step, "images_seen": step * 32, "loss": 1.0 / step,
+                        "images_per_s": 320.0, "mfu": 0.25})
+        if step % 20 == 0:
+            records.append({"time": START + step / 10, "step": step, "images_seen": step * 32,
+                            "eval/bits_per_dim": 3.0 - step / 100, "eval/fid": 40.0 - step / 10,
+                            "eval/kid": 0.01, "eval/fid_images": 64})
+    if relaunched:  # a relaunch from step 30, an hour later, at half the pace
+        for step in (40, 50, 60):
+            records.append({"time": START + 3600 + (step - 30) / 5, "step": step, "images_seen": step * 32,
+                            "loss": 0.5 / step, "images_per_s": 160.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"time": 1')
+    checkpoint = run_dir / "checkpoints" / "step-000000040"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text(json.dumps({"step": 40, "images_seen": 1280}))
+    (run_dir / "checkpoints" / "step-000000050.staging").mkdir()  # incomplete: not reported
+    images.save_png(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), run_dir / "samples" / "step-000000040.png")
+    return run_dir
+
+
+def field(lines: list[str], label: str) -> str:
+    found = [line for line in lines if line.startswith(f"{label}:")]
+    assert len(found) == 1, (label, lines)
+    return found[0].split(":", 1)[1].strip()
+
+
+def test_status_reports_progress_quality_eta_and_checkpoint(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+    lines = status.status_lines(run_dir, now=START + 65)
+    assert field(lines, "step") == "50 of 100 (50%)"
+    assert field(lines, "images seen") == "1600"
+    assert field(lines, "loss") == "0.0200"
+    assert field(lines, "bits/dim") == "2.6000 (held-out, step 40)"
+    assert field(lines, "FID").startswith("36.000, KID 0.0100 (64 images, step 40)")
+    assert field(lines, "throughput") == "320.0 images/s, MFU 25.0%"
+    assert field(lines, "ETA") == "5s at the recent pace"  # 50 steps at 10 steps/s
+    assert field(lines, "updated") == "1m00s ago"
+    assert field(lines, "checkpoint").startswith(str(run_dir / "checkpoints" / "step-000000040"))
+    assert field(lines, "samples").endswith("step-000000040.png")
+    assert field(lines, "job") == "none submitted with `launch slurm`"
+
+
+def test_eta_uses_the_pace_since_the_last_relaunch(tmp_path):
+    run_dir = make_run(tmp_path / "run", relaunched=True)
+    lines = status.status_lines(run_dir, now=START + 4000)
+    assert field(lines, "step") == "60 of 100 (60%)"
+    assert field(lines, "ETA") == "8s at the recent pace"  # 40 steps at 5 steps/s
+
+
+def test_finished_run_and_slurm_job_state(tmp_path, monkeypatch):
+    run_dir = make_run(tmp_path / "run", steps=range(10, 101, 10))
+    (run_dir / "slurm").mkdir()
+    (run_dir / "slurm" / "job.json").write_text(json.dumps({"job_id": "4242", "stdout": "/logs/4242.out"}))
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: {"JobState": "COMPLETED", "ExitCode": "0:0",
+                                                            "NodeList": "node[1-2]"})
+    lines = status.status_lines(run_dir)
+    assert field(lines, "ETA") == "done"
+    assert field(lines, "job") == "4242 (COMPLETED, exit status 0; requeued 0x)"
+    assert field(lines, "nodes") == "node[1-2]"
+
+
+def test_a_run_without_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("train: {max_steps: 10}\n")
+    lines = status.status_lines(run_dir)
+    assert field(lines, "step") == "no metrics yet" and field(lines, "checkpoint") == "none yet"
+    with pytest.raises(UserError, match="no training metrics"):
+        status.plot(run_dir, tmp_path / "x.png")
+
+
+def test_not_a_run_directory_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="not a run directory"):
+        status.status_lines(tmp_path)
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    run_dir = make_run(tmp_path / "run")
+    out = status.plot(run_dir, tmp_path / "plots" / "status.png")
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.width > picture.height > 200
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
+    run_dir = make_run(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UserError, match="pip install matplotlib"):
+        status.plot(run_dir, tmp_path / "x.png")
+
+
+@pytest.mark.slow
+def test_launch_status_command_line(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+    out = tmp_path / "status.png"
+    result = run_cli("launch", "status", str(run_dir), "--plot", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "step:        50 of 100 (50%)" in result.stdout and f"plot:        {out}" in result.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = run_cli("launch", "status", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1

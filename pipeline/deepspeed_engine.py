@@ -215,6 +215,7 @@ def load_full_state(engine, zero_optimizer, weights: dict[str, torch.Tensor], mo
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    _create_optimizer_state(zero_optimizer)
     for name, parameter in engine.module.named_parameters():
         safe_set_full_fp32_param(parameter, weights[name].clone())
         for moment in MOMENTS:
@@ -228,3 +229,21 @@ def load_full_state(engine, zero_optimizer, weights: dict[str, torch.Tensor], mo
     if scaler and getattr(zero_optimizer, "loss_scaler", None) is not None:
         for key, value in scaler.items():
             setattr(zero_optimizer.loss_scaler, key, value)
+
+
+def _create_optimizer_state(zero_optimizer) -> None:
+    """AdamW creates its moments lazily at the first step, and DeepSpeed links each parameter's
+    fragment of them only then; a resumed engine needs both before the moments can be set. The
+    state made here is exactly AdamW's initial one (zeros, step 0)."""
+    inner = zero_optimizer.optimizer
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            state = inner.state[flat]
+            if not state:
+                state["step"] = torch.tensor(0.0) if isinstance(inner, torch.optim.Optimizer) and \
+                    type(inner).__module__.startswith("torch.") else 0
+                state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2 (a private hook; ZeRO-3 reads the optimizer state directly)
+        link()

@@ -27,6 +27,13 @@ def _sample(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from launch.export import export_weights
+
+    print(export_weights(args.run_dir, args.out, args.ema, args.checkpoint))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.set_defaults(func=_local)
 
     sample = commands.add_parser("sample", help="write a grid of samples from a run's checkpoint")
-    sample.add_argument("run_dir")
+    sample.add_argument("run_dir", help="a run directory, or a weights file from `launch export`")
     sample.add_argument("options", nargs="*", help="sampling options, e.g. sampler=ddim steps=50")
     sample.add_argument("--n", type=int, default=64, help="number of images")
     sample.add_argument("--out", default="samples.png", help="output PNG")
@@ -48,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--checkpoint", default=None, help="a specific checkpoint directory")
     sample.add_argument("--device", default="cpu")
     sample.set_defaults(func=_sample)
+
+    export = commands.add_parser(
+        "export", help="write a run's full weights (any strategy, ZeRO included) to one safetensors file"
+    )
+    export.add_argument("run_dir")
+    export.add_argument("--out", default="model.safetensors", help="output .safetensors file")
+    export.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="export the EMA weights when the run has them (default)")
+    export.add_argument("--checkpoint", default=None, help="a specific checkpoint directory")
+    export.set_defaults(func=_export)
 
     try:
         from launch import slurm

@@ -216,16 +216,22 @@ def load_full_state(engine, zero_optimizer, weights: dict[str, torch.Tensor], mo
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     _create_optimizer_state(zero_optimizer)
+    stage3 = engine.zero_optimization_stage() == 3
     for name, parameter in engine.module.named_parameters():
-        safe_set_full_fp32_param(parameter, weights[name].clone())
+        if stage3:
+            _set_stage3_partition(zero_optimizer, parameter, weights[name])
+        else:
+            safe_set_full_fp32_param(parameter, weights[name].clone())
         for moment in MOMENTS:
             key = f"{moment}/{name}"
             if key in moments:
-                safe_set_full_optimizer_state(parameter, moments[key].clone(), moment)
+                if stage3:
+                    _set_stage3_partition(zero_optimizer, parameter, moments[key], moment)
+                else:
+                    safe_set_full_optimizer_state(parameter, moments[key].clone(), moment)
     for state in zero_optimizer.optimizer.state.values():
         if "step" in state:
-            state["step"] = torch.full_like(torch.as_tensor(state["step"]), float(step)) \
-                if torch.is_tensor(state["step"]) else step
+            state["step"] = torch.full_like(state["step"], float(step)) if torch.is_tensor(state["step"]) else step
     if scaler and getattr(zero_optimizer, "loss_scaler", None) is not None:
         for key, value in scaler.items():
             setattr(zero_optimizer.loss_scaler, key, value)
@@ -236,14 +242,38 @@ def _create_optimizer_state(zero_optimizer) -> None:
     fragment of them only then; a resumed engine needs both before the moments can be set. The
     state made here is exactly AdamW's initial one (zeros, step 0)."""
     inner = zero_optimizer.optimizer
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            state = inner.state[flat]
-            if not state:
-                state["step"] = torch.tensor(0.0) if isinstance(inner, torch.optim.Optimizer) and \
-                    type(inner).__module__.startswith("torch.") else 0
-                state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+    # The fp32 partitions AdamW steps: ZeRO-3 swaps them into its param groups only while stepping.
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or getattr(
+        zero_optimizer, "single_partition_of_fp32_groups", None
+    )
+    if flats is None:
+        flats = [flat for group in inner.param_groups for flat in group["params"]]
+    torch_adamw = type(inner).__module__.startswith("torch.")
+    for flat in flats:
+        state = inner.state[flat]
+        if not state:
+            state["step"] = torch.tensor(0.0) if torch_adamw else 0
+            state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
     link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2 (a private hook; ZeRO-3 reads the optimizer state directly)
         link()
+
+
+def _set_stage3_partition(zero_optimizer, parameter, value: torch.Tensor, moment: str | None = None) -> None:
+    """This rank's slice of a whole fp32 tensor into ZeRO-3's partition (master or moment).
+
+    DeepSpeed 0.19.8's ``set_full_hp_param`` slices the unpadded value, so a parameter smaller
+    than the process count (the last rank's partition is all padding) fails with "start + length
+    exceeds dimension size"; this pads the value the way ZeRO-3 pads the parameter.
+    """
+    if not parameter.requires_grad:
+        return
+    partition, _ = zero_optimizer._get_fp32_opt_state_partition(
+        parameter, release_swap_buffers=False, optim_state_key=moment
+    )
+    rank = zero_optimizer._get_param_partition_rank(parameter)
+    size = partition.numel()
+    flat = value.detach().flatten().to(partition.dtype)
+    flat = torch.nn.functional.pad(flat, (0, max(0, size * (rank + 1) - flat.numel())))
+    partition.data.copy_(flat.narrow(0, size * rank, size).to(partition.device))

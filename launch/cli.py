@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"launch: error: {one_line(exc)}", file=sys.stderr)
-        return UserError.exit_code
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -13,9 +13,9 @@ clip the global norm, AdamW step, learning rate from the step number (warm-up, t
 cosine), EMA update. Metrics stay on the device as running sums and are reduced across processes
 only every ``train.log_every_steps``, so the step itself never waits for the host.
 
-Training health: a step whose gradient norm is not finite (a NaN/inf loss makes it so) is skipped
-without a host sync (fused AdamW's ``found_inf``, the mechanism GradScaler uses; DeepSpeed skips
-it itself) and counted on the device; the consecutive count is read at log boundaries and before
+Training health: a step whose gradient norm is not finite (a NaN/inf loss makes it so) is skipped,
+on GPUs without a host sync (fused AdamW's ``found_inf``, the mechanism GradScaler uses; on CPU
+a plain check; DeepSpeed skips it itself) and counted on the device; the consecutive count is read at log boundaries and before
 checkpoints, and ``train.max_bad_steps`` in a row stop the run without saving.
 """
 
@@ -182,14 +182,15 @@ class Trainer:
                 config, self.raw_model.parameters(), learning_rate(train, 0), self.device.type
             )
         else:
-            # Fused on CPU too: its found_inf input skips a non-finite step on the device.
+            fused = self.device.type == "cuda"
             self.optimizer = torch.optim.AdamW(
                 self.raw_model.parameters(),
                 lr=learning_rate(train, 0),
                 betas=tuple(train.betas),
                 eps=train.eps,
                 weight_decay=train.weight_decay,
-                fused=True,
+                fused=fused or None,
+                foreach=None if fused else True,
             )
         self.autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train.mixed_precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.mixed_precision == "fp16")
@@ -524,13 +525,17 @@ class Trainer:
         # A NaN/inf loss makes the gradients, hence the all-reduced norm, non-finite on every rank.
         bad = ~torch.isfinite(grad_norm)
         if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # fused AdamW: the scaler hands it found_inf, no sync
+            self.scaler.step(self.optimizer)  # skips inf/NaN itself (fused: via found_inf, no sync)
             self.scaler.update()
-        else:
+        elif self.device.type == "cuda":
+            # Fused AdamW skips the update on the device when found_inf is set (GradScaler's own
+            # mechanism): no host sync.
             self.optimizer.grad_scale = None
             self.optimizer.found_inf = bad.float()
             self.optimizer.step()
             del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif not bool(bad):  # on CPU reading the flag costs nothing; foreach AdamW as before
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, bad
 
@@ -832,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK", "0")
         tag = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"error: {tag}{one_line(exc)}", file=sys.stderr)
-        return UserError.exit_code
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -197,8 +197,10 @@ def test_pixelcnn_export_matches_its_checkpoint(pixelcnn_zero2, tmp_path):
     assert metadata["strategy"] == "deepspeed" and metadata["zero_stage"] == "2"
     state_file, state_run = from_file.state_dict(), from_run.state_dict()
     assert all(torch.equal(state_file[key], state_run[key]) for key in state_run)
-    images = from_file.sample(1, torch.Generator().manual_seed(0))
-    assert images.dtype == torch.uint8 and images.shape == (1, 1, 32, 32)
+    # (PixelCNN sampling is 1024 sequential forwards: bits/dim shows the network runs instead.)
+    with torch.no_grad():
+        bits = from_file.bits_per_dim(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
+    assert bits.shape == (2,) and torch.isfinite(bits).all()
 
 
 # ---------------------------------------------------------------------------------------------

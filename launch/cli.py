@@ -32,6 +32,12 @@ def _eval(args) -> int:
 
     return launch_eval(args)
 
+def _export(args) -> int:
+    from launch.export import export_weights
+
+    print(export_weights(args.run_dir, args.out, args.ema, args.checkpoint))
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch", description=__doc__)
@@ -44,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.set_defaults(func=_local)
 
     sample = commands.add_parser("sample", help="write a grid of samples from a run's checkpoint")
-    sample.add_argument("run_dir")
+    sample.add_argument("run_dir", help="a run directory, or a weights file from `launch export`")
     sample.add_argument("options", nargs="*", help="sampling options, e.g. sampler=ddim steps=50")
     sample.add_argument("--n", type=int, default=64, help="number of images")
     sample.add_argument("--out", default="samples.png", help="output PNG")
@@ -60,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="held-out bits/dim of a run's checkpoint, as JSON")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=_eval)
+
+    export = commands.add_parser(
+        "export", help="write a run's full weights (any strategy, ZeRO included) to one safetensors file"
+    )
+    export.add_argument("run_dir")
+    export.add_argument("--out", default="model.safetensors", help="output .safetensors file")
+    export.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="export the EMA weights when the run has them (default)")
+    export.add_argument("--checkpoint", default=None, help="a specific checkpoint directory")
+    export.set_defaults(func=_export)
 
     try:
         from launch import slurm
@@ -77,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"launch: error: {one_line(exc)}", file=sys.stderr)
-        return UserError.exit_code
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

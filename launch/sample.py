@@ -1,4 +1,5 @@
-"""``launch sample``: a grid of samples from a run directory's newest intact checkpoint.
+"""``launch sample``: a grid of samples from a run directory's newest intact checkpoint, or from a
+weights file written by ``launch export``.
 
 The same weights, seed and options give the same PNG bytes: all sampling noise comes from one
 seeded CPU generator (see pipeline/models/base.py).
@@ -25,7 +26,12 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def load_model(run_dir: str | Path, use_ema: bool = True, checkpoint_path: str | None = None, device: str = "cpu"):
-    """(model in eval mode, checkpoint manifest) for a run directory."""
+    """(model in eval mode, manifest or metadata, config) for a run directory, or for a weights
+    file written by ``launch export`` (which carries its config)."""
+    if Path(run_dir).is_file():
+        from launch.export import load_weights_file
+
+        return load_weights_file(run_dir, device)
     config = load_run_config(run_dir)
     if checkpoint_path is not None:
         loaded = checkpoint.open_checkpoint(checkpoint_path)

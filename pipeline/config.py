@@ -90,6 +90,12 @@ class TrainConfig(StrictModel):
     """Wrap the model in torch.compile."""
     deterministic: bool = False
     """Ask PyTorch for deterministic kernels (slower on GPU; bit-exact resume needs it)."""
+    max_bad_steps: int = Field(default=20, ge=1)
+    """A step whose loss or gradient is not finite is skipped (weights and optimizer untouched)
+    and counted; after this many consecutive skipped steps the run stops with an error, leaving
+    its last checkpoint as it was. fp16 overflow skips count too (the loss scale recovers from a
+    few). Checked at every ``log_every_steps`` boundary and before each checkpoint, so the host
+    never waits for the device inside a step."""
 
     _no = field_validator("mixed_precision", mode="before")(_yaml_no)
 
@@ -185,12 +191,90 @@ class WandbConfig(StrictModel):
 class DistributedConfig(StrictModel):
     """How processes share the work."""
 
-    strategy: Literal["ddp"] = "ddp"
-    """Data-parallel strategy."""
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """Data-parallel strategy: ``ddp`` (every process holds the whole model and optimizer) or
+    ``deepspeed`` (ZeRO partitions optimizer state, gradients and, at stage 3, parameters; see
+    the ``deepspeed`` section and docs/deepspeed.md)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: auto picks nccl on GPUs and gloo on CPUs."""
     timeout_minutes: float = Field(default=30, gt=0)
     """How long a collective waits for the other processes before failing."""
+
+
+DEEPSPEED_OWNED_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "fp16", "bf16", "optimizer", "scheduler", "torch_autocast",
+)
+"""DeepSpeed config keys the trainer derives from the run config (data.batch_size, train.grad_accum,
+train.grad_clip, train.mixed_precision, train.lr...); a config_file may not set them."""
+
+
+class DeepSpeedConfig(StrictModel):
+    """ZeRO settings, used when ``distributed.strategy`` is ``deepspeed``."""
+
+    config_file: str | None = None
+    """A DeepSpeed JSON file (e.g. ``configs/deepspeed/zero2.json``) whose ``zero_optimization``
+    tuning (bucket sizes, overlap, offload) is the base; the keys below override it. Batch sizes,
+    accumulation, clipping, precision and the optimizer come from the run config, never the file."""
+    zero_stage: Literal[1, 2, 3] | None = None
+    """ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters.
+    None: the config_file's stage, else 2."""
+    offload_optimizer: Literal["none", "cpu"] | None = None
+    """Keep optimizer state (and the optimizer step) in host memory (DeepSpeedCPUAdam on GPUs).
+    None: the config_file's choice, else none."""
+    offload_param: Literal["none", "cpu"] | None = None
+    """Keep partitioned parameters in host memory (stage 3 only). None: the config_file's
+    choice, else none."""
+
+    @model_validator(mode="after")
+    def _check_file(self) -> "DeepSpeedConfig":
+        zero = self.file_zero_section()
+        stage = self.resolved_stage()
+        if self.offload_param == "cpu" and stage != 3:
+            raise ValueError(f"offload_param: cpu needs zero_stage 3 (the stage is {stage})")
+        if self.zero_stage is not None and "stage" in zero and zero["stage"] != self.zero_stage:
+            raise ValueError(
+                f"zero_stage {self.zero_stage} differs from zero_optimization.stage "
+                f"{zero['stage']} in {self.config_file}; set one of them"
+            )
+        return self
+
+    def file_dict(self) -> dict:
+        """The parsed config_file ({} without one); ValueError naming the problem."""
+        if self.config_file is None:
+            return {}
+        import json
+
+        path = Path(self.config_file)
+        if not path.is_file():
+            raise ValueError(f"config_file {path} not found")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config_file {path} is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config_file {path}: expected a JSON object")
+        owned = sorted(key for key in raw if key in DEEPSPEED_OWNED_KEYS)
+        if owned:
+            raise ValueError(
+                f"config_file {path} sets {', '.join(owned)}; these come from the run config "
+                "(data.batch_size, train.grad_accum, train.grad_clip, train.mixed_precision, "
+                "train.lr/betas/eps/weight_decay): remove them from the file"
+            )
+        return raw
+
+    def file_zero_section(self) -> dict:
+        return dict(self.file_dict().get("zero_optimization", {}))
+
+    def resolved_stage(self) -> int:
+        return self.zero_stage or int(self.file_zero_section().get("stage", 2))
+
+    def resolved_offload(self, which: str) -> str:
+        chosen = getattr(self, f"offload_{which}")
+        if chosen is not None:
+            return chosen
+        section = self.file_zero_section().get(f"offload_{which}") or {}
+        return section.get("device", "none")
 
 
 class SlurmConfig(StrictModel):
@@ -251,12 +335,15 @@ class RunConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     wandb: WandbConfig = WandbConfig()
     distributed: DistributedConfig = DistributedConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     slurm: SlurmConfig = SlurmConfig()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "RunConfig":
         if self.eval.every_steps and self.data.eval_shards is None:
             raise ValueError("eval.every_steps is set but data.eval_shards is not")
+        if self.distributed.strategy == "deepspeed" and self.train.compile:
+            raise ValueError("train.compile is not supported with distributed.strategy: deepspeed")
         return self
 
 

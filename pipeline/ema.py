@@ -31,7 +31,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, batch_images: int, images_seen: int) -> None:
         beta = self.decay(batch_images, images_seen)
-        params = [p.detach() for p in model.parameters()]
+        # Under DeepSpeed bf16/fp16 the module's weights are half precision; the average stays
+        # fp32 (`.to` is a no-op when the dtypes already agree).
+        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), self._ema_params)]
         # One fused kernel per dtype group instead of a Python loop over tensors.
         torch._foreach_lerp_(self._ema_params, params, 1.0 - beta)
         for ema_buffer, buffer in zip(self._ema_buffers, model.buffers()):

@@ -3,14 +3,20 @@
 `run(config)` is the entry point of each training process, whatever started it (``launch local``,
 a Slurm task, a test). It reads its place in the job from the torchrun-style environment (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; absent means one process), lets Accelerate set
-up the process group and wrap the model (DDP), and trains until ``train.max_steps`` or a stop
-signal. The model is reached only through ``loss`` (its ``forward``), ``sample`` and
+up the process group, wraps the model (DDP through Accelerate, or a DeepSpeed ZeRO engine through
+DeepSpeed's own API, see pipeline/deepspeed_engine.py), and trains until ``train.max_steps`` or a
+stop signal. The model is reached only through ``loss`` (its ``forward``), ``sample`` and
 ``bits_per_dim``; nothing here knows which family it trains.
 
 One optimizer step: ``grad_accum`` micro-batches (gradient sync only on the last), unscale (fp16),
 clip the global norm, AdamW step, learning rate from the step number (warm-up, then constant or
 cosine), EMA update. Metrics stay on the device as running sums and are reduced across processes
 only every ``train.log_every_steps``, so the step itself never waits for the host.
+
+Training health: a step whose gradient norm is not finite (a NaN/inf loss makes it so) is skipped,
+on GPUs without a host sync (fused AdamW's ``found_inf``, the mechanism GradScaler uses; on CPU
+a plain check; DeepSpeed skips it itself) and counted on the device; the consecutive count is read at log boundaries and before
+checkpoints, and ``train.max_bad_steps`` in a row stop the run without saving.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, config as config_module, images, models, preemption
+from pipeline import checkpoint, config as config_module, deepspeed_engine, images, models, preemption
 from pipeline.config import RunConfig
 from pipeline.data import TrainingBatches, check_shards_match, resolve_shards, shards_for_reader
 from pipeline.ema import EMA
@@ -42,6 +48,14 @@ from pipeline.tracking import MetricsFile, make_tracker
 log = logging.getLogger("pipeline.trainer")
 
 FAIL_AT_STEP_ENV = "GENPIPE_FAIL_AT_STEP"  # test hook: raise inside training at this step
+NAN_AT_STEPS_ENV = "GENPIPE_NAN_AT_STEPS"  # test hook: "3,4" makes rank 0's loss NaN at those steps
+EXIT_DIVERGED = 3
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive non-finite steps: stop, keep the last checkpoint as it is."""
+
+    exit_code = EXIT_DIVERGED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +136,10 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.run_dir)
         train = config.train
+        self.strategy = config.distributed.strategy
+        self.zero_stage = config.deepspeed.resolved_stage() if self.strategy == "deepspeed" else None
+        if self.strategy == "deepspeed":
+            deepspeed_engine.prepare_environment()
         use_cpu = not torch.cuda.is_available()
         backend = None if config.distributed.backend == "auto" else config.distributed.backend
         self.accelerator = Accelerator(
@@ -138,6 +156,8 @@ class Trainer:
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         _configure_logging(self.rank)
+        if self.strategy == "deepspeed":
+            deepspeed_engine.init_distributed("gloo" if use_cpu else (backend or "nccl"))
         if train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -150,6 +170,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.raw_model = models.build(config.model, config.data.image_size, config.data.channels)
         self.raw_model.to(self.device)
+        self.parameter_count = sum(p.numel() for p in self.raw_model.parameters())
         self.ema = (
             EMA(self.raw_model, train.ema_halflife_images, train.ema_rampup_ratio)
             if train.ema_halflife_images
@@ -157,16 +178,21 @@ class Trainer:
         )
         self._seed_process(config.seed, self.rank)
 
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            self.raw_model.parameters(),
-            lr=learning_rate(train, 0),
-            betas=tuple(train.betas),
-            eps=train.eps,
-            weight_decay=train.weight_decay,
-            fused=fused or None,
-            foreach=None if fused else True,
-        )
+        if self.strategy == "deepspeed":
+            self.optimizer = deepspeed_engine.make_optimizer(
+                config, self.raw_model.parameters(), learning_rate(train, 0), self.device.type
+            )
+        else:
+            fused = self.device.type == "cuda"
+            self.optimizer = torch.optim.AdamW(
+                self.raw_model.parameters(),
+                lr=learning_rate(train, 0),
+                betas=tuple(train.betas),
+                eps=train.eps,
+                weight_decay=train.weight_decay,
+                fused=fused or None,
+                foreach=None if fused else True,
+            )
         self.autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train.mixed_precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.mixed_precision == "fp16")
 
@@ -178,6 +204,10 @@ class Trainer:
             if config.checkpoint.async_save
             else None
         )
+        self.bad_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bad_total = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._pending_engine_state = None
+        self._last_loss_scale = None
         data_state = self._restore()
 
         data = config.data
@@ -201,10 +231,18 @@ class Trainer:
         )
         if self.raw_model.data_dependent_init and self.step == 0:
             self._data_dependent_init()
-        network = self.raw_model
-        if train.compile:
-            network = torch.compile(network)
-        self.model = self.accelerator.prepare_model(network)
+        if self.strategy == "deepspeed":
+            self.model, self.optimizer = deepspeed_engine.wrap(
+                config, self.raw_model, self.optimizer, self.world_size, self.device.type
+            )
+            if self._pending_engine_state is not None:
+                deepspeed_engine.load_full_state(self.model, self.optimizer, *self._pending_engine_state)
+                self._pending_engine_state = None
+        else:
+            network = self.raw_model
+            if train.compile:
+                network = torch.compile(network)
+            self.model = self.accelerator.prepare_model(network)
 
         self.eval_shards = None
         if data.eval_shards is not None:
@@ -230,6 +268,8 @@ class Trainer:
         )
         fail_at = os.environ.get(FAIL_AT_STEP_ENV)
         self.fail_at_step = int(fail_at) if fail_at else None
+        nan_at = os.environ.get(NAN_AT_STEPS_ENV, "")
+        self.nan_at_steps = {int(part) for part in nan_at.split(",") if part.strip()}
 
     # -- set-up helpers -----------------------------------------------------------------------
 
@@ -243,7 +283,7 @@ class Trainer:
         tracked = config_module.to_dict(self.config)
         tracked["world_size"] = self.world_size
         tracked["global_batch"] = self.config.data.batch_size * self.world_size * self.config.train.grad_accum
-        tracked["parameters"] = sum(p.numel() for p in self.raw_model.parameters())
+        tracked["parameters"] = self.parameter_count
         for variable in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_NUM_NODES"):
             if variable in os.environ:
                 tracked[variable.lower()] = os.environ[variable]
@@ -274,6 +314,15 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
+    def _strategy_name(self) -> str:
+        return f"deepspeed ZeRO-{self.zero_stage}" if self.strategy == "deepspeed" else "ddp"
+
+    def _full_parameters(self, needed: bool = True):
+        """Whole parameters of the training model inside (ZeRO-3 gathers; collective)."""
+        if needed and self.zero_stage == 3:
+            return deepspeed_engine.full_parameters(self.raw_model, 3)
+        return contextlib.nullcontext()
+
     # -- checkpoints --------------------------------------------------------------------------
 
     def _restore(self) -> dict | None:
@@ -291,6 +340,17 @@ class Trainer:
         if choice[0] is None:
             return None
         loaded = checkpoint.LoadedCheckpoint(Path(choice[0][0]), choice[0][1])
+        state = loaded.json("trainer.json")
+        saved = (state.get("strategy", "ddp"), state.get("zero_stage"))
+        if saved != (self.strategy, self.zero_stage):
+            def describe(strategy, stage):
+                return f"deepspeed ZeRO-{stage}" if strategy == "deepspeed" else strategy
+            raise UserError(
+                f"checkpoint {loaded.path} was written under {describe(*saved)}, this config "
+                f"trains under {describe(self.strategy, self.zero_stage)}; resume with the same "
+                "distributed.strategy and deepspeed.zero_stage, or start a new run_dir from its "
+                "weights (launch export)"
+            )
         try:
             self.raw_model.load_state_dict(loaded.tensors("model.safetensors"))
             if self.ema is not None:
@@ -304,9 +364,18 @@ class Trainer:
                 f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}); "
                 "use a new run_dir for a different architecture"
             ) from None
-        self.optimizer.load_state_dict(loaded.torch_object("optimizer.pt"))
-        state = loaded.json("trainer.json")
+        if self.strategy == "deepspeed":
+            # Applied once the engine exists (see __init__): fp32 masters, moments, AdamW step.
+            self._pending_engine_state = (
+                loaded.tensors("model.safetensors"),
+                loaded.tensors("optimizer.safetensors"),
+                int(state["optimizer_step"]),
+                state.get("loss_scaler"),
+            )
+        else:
+            self.optimizer.load_state_dict(loaded.torch_object("optimizer.pt"))
         self.step = int(state["step"])
+        self.bad_total.fill_(int(state.get("bad_steps_total", 0)))
         self.images_seen = int(state["images_seen"])
         self.last_saved_step = self.step
         if state.get("scaler") and self.scaler.is_enabled():
@@ -351,7 +420,12 @@ class Trainer:
             writer.wait()
         if self.step == self.last_saved_step:
             return
+        self._check_health()
         started = time.perf_counter()
+        engine_weights = engine_moments = None
+        if self.strategy == "deepspeed":
+            # Collective: every rank gathers each parameter's fp32 master and AdamW moments.
+            engine_weights, engine_moments = deepspeed_engine.full_state(self.model)
         if self.is_main:
             checkpoint.prepare_staging(self.run_dir, self.step)
         self._barrier()
@@ -362,21 +436,33 @@ class Trainer:
             checkpoint.rank_file(self.rank, "safetensors"): ("tensors", rng_tensors),
         }
         if self.is_main:
-            parts["model.safetensors"] = ("tensors", self.raw_model.state_dict())
+            trainer_state = {
+                "step": self.step,
+                "images_seen": self.images_seen,
+                "world_size": self.world_size,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "family": self.config.model.family,
+                "strategy": self.strategy,
+                "zero_stage": self.zero_stage,
+                "bad_steps_total": int(self.bad_total.item()),
+            }
+            if self.strategy == "deepspeed":
+                parts["model.safetensors"] = ("tensors", engine_weights)
+                parts["optimizer.safetensors"] = ("tensors", engine_moments)
+                trainer_state["optimizer_step"] = deepspeed_engine.optimizer_step_count(self.optimizer)
+                trainer_state["loss_scaler"] = deepspeed_engine.loss_scaler_state(self.optimizer)
+            else:
+                parts["model.safetensors"] = ("tensors", self.raw_model.state_dict())
+                parts["optimizer.pt"] = ("torch", self.optimizer.state_dict())
             if self.ema is not None:
                 parts["ema.safetensors"] = ("tensors", self.ema.state_dict())
-            parts["optimizer.pt"] = ("torch", self.optimizer.state_dict())
-            parts["trainer.json"] = (
-                "json",
-                {
-                    "step": self.step,
-                    "images_seen": self.images_seen,
-                    "world_size": self.world_size,
-                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                    "family": self.config.model.family,
-                },
-            )
-        extra = {"world_size": self.world_size, "family": self.config.model.family}
+            parts["trainer.json"] = ("json", trainer_state)
+        extra = {
+            "world_size": self.world_size,
+            "family": self.config.model.family,
+            "strategy": self.strategy,
+            "zero_stage": self.zero_stage,
+        }
         self.last_saved_step = self.step
         if writer is not None:
             writer.start(self.step, self.images_seen, parts, extra)
@@ -413,6 +499,8 @@ class Trainer:
         train = self.config.train
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(train, self.step)
+        inject_nan = self.rank == 0 and (self.step + 1) in self.nan_at_steps
+        step_values: dict[str, torch.Tensor] = {}
         waited = 0.0
         for micro in range(train.grad_accum):
             before = time.perf_counter()
@@ -420,37 +508,109 @@ class Trainer:
             waited += time.perf_counter() - before
             batch = batch.to(self.device, non_blocking=True)
             last = micro == train.grad_accum - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
-            with sync:
+            if self.strategy == "deepspeed":
                 with self._autocast():
                     loss, metrics = self.model(batch)
-                self.scaler.scale(loss / train.grad_accum).backward()
-            _add(sums, "loss", loss.detach().float() / train.grad_accum)
+                if inject_nan:
+                    loss = loss * float("nan")
+                # The engine divides by grad_accum, reduces at the boundary and steps only there.
+                self.model.backward(loss)
+                self.model.step()
+            else:
+                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+                with sync:
+                    with self._autocast():
+                        loss, metrics = self.model(batch)
+                    if inject_nan:
+                        loss = loss * float("nan")
+                    self.scaler.scale(loss / train.grad_accum).backward()
+            _add(step_values, "loss", loss.detach().float() / train.grad_accum)
             for name, value in metrics.items():
-                _add(sums, name, value.detach().float() / train.grad_accum)
-        self.scaler.unscale_(self.optimizer)
-        max_norm = train.grad_clip if train.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+                _add(step_values, name, value.detach().float() / train.grad_accum)
+        if self.strategy == "deepspeed":
+            grad_norm, bad = self._engine_step_outcome()
+        else:
+            grad_norm, bad = self._ddp_optimizer_step()
         self.step += 1
         self.images_seen += self.global_batch
         if self.ema is not None:
-            self.ema.update(self.raw_model, self.global_batch, self.images_seen)
-        _add(sums, "grad_norm", grad_norm.detach().float())
+            with self._full_parameters():
+                self.ema.update(self.raw_model, self.global_batch, self.images_seen)
+        # Skipped steps stay out of the logged means; counters stay on the device.
+        for name, value in step_values.items():
+            _add(sums, name, torch.where(bad, 0.0, value))
+        _add(sums, "grad_norm", torch.where(bad, 0.0, grad_norm.detach().float()))
+        _add(sums, "good_steps", (~bad).float())
+        self.bad_streak = (self.bad_streak + 1) * bad
+        self.bad_total = self.bad_total + bad
         return waited
+
+    def _ddp_optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscale, clip, step unless the gradient is non-finite; (grad_norm, bad) on the device."""
+        train = self.config.train
+        self.scaler.unscale_(self.optimizer)
+        max_norm = train.grad_clip if train.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        # A NaN/inf loss makes the gradients, hence the all-reduced norm, non-finite on every rank.
+        bad = ~torch.isfinite(grad_norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips inf/NaN itself (fused: via found_inf, no sync)
+            self.scaler.update()
+        elif self.device.type == "cuda":
+            # Fused AdamW skips the update on the device when found_inf is set (GradScaler's own
+            # mechanism): no host sync.
+            self.optimizer.grad_scale = None
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+            del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif not bool(bad):  # on CPU reading the flag costs nothing; foreach AdamW as before
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, bad
+
+    def _engine_step_outcome(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSpeed already skipped a non-finite step (its overflow check); read what it did."""
+        applied = self.model.was_step_applied()
+        norm = self.model.get_global_grad_norm()
+        grad_norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32, device=self.device)
+        scale = deepspeed_engine.loss_scale(self.optimizer)
+        if scale is not None and scale != self._last_loss_scale:
+            if self._last_loss_scale is not None and self.is_main:
+                log.info("loss scale %g -> %g at step %d", self._last_loss_scale, scale, self.step + 1)
+            self._last_loss_scale = scale
+        return grad_norm, torch.tensor(not applied, device=self.device)
+
+    def _check_health(self) -> None:
+        """Stop when the last train.max_bad_steps steps were all skipped (host sync: call rarely)."""
+        limit = self.config.train.max_bad_steps
+        streak = int(self.bad_streak.item())
+        if streak < limit:
+            return
+        kept = checkpoint.list_checkpoints(self.run_dir)
+        last = str(kept[-1][1]) if kept else "none yet"
+        raise TrainingDiverged(
+            f"training stopped at step {self.step}: the last {streak} steps had a non-finite loss "
+            f"or gradient (train.max_bad_steps={limit}); nothing was saved after them, the last "
+            f"checkpoint is {last}; lower train.lr, tighten train.grad_clip or check the data, "
+            "then relaunch to resume from it"
+        )
 
     # -- periodic work ------------------------------------------------------------------------
 
     def _reduce_means(self, sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+        """Means over the window's good (not skipped) steps and over processes, plus counters."""
         names = sorted(sums)
-        stacked = torch.stack([sums[name] for name in names]).to(self.device)
+        stacked = torch.stack([sums[name] for name in names] + [self.bad_streak.float(), self.bad_total.float()]).to(self.device)
         if self.world_size > 1:
             dist.all_reduce(stacked)
             stacked /= self.world_size
-        values = (stacked / steps).tolist()
-        return dict(zip(names, values))
+        values = stacked.tolist()
+        totals = dict(zip(names, values[: len(names)]))
+        good = totals.pop("good_steps")
+        means = {name: (value / good if good else float("nan")) for name, value in totals.items()}
+        means["bad_steps"] = steps - round(good)
+        means["bad_steps_total"] = round(values[-1])
+        return means
 
     def _stop_agreed(self) -> bool:
         """Whether any process received a stop signal; all processes adopt the same signal."""
@@ -473,36 +633,39 @@ class Trainer:
     def write_samples(self) -> None:
         """Rank 0 samples a grid with a fixed seed; the others wait."""
         sample = self.config.sample
-        if self.is_main:
-            model = self.sampling_model(sample.use_ema)
-            was_training = model.training
-            model.eval()
-            generator = torch.Generator().manual_seed(sample.seed)
-            with self._autocast():
-                grid = model.sample(sample.n, generator, **sample.options)
-            model.train(was_training)
-            path = images.save_png(grid, self.run_dir / "samples" / f"step-{self.step:09d}.png")
-            self.tracker.log_image("samples", path, self.step, caption=f"step {self.step}")
-        self._barrier()
+        model = self.sampling_model(sample.use_ema)
+        with self._full_parameters(model is self.raw_model):
+            if self.is_main:
+                was_training = model.training
+                model.eval()
+                generator = torch.Generator().manual_seed(sample.seed)
+                with self._autocast():
+                    grid = model.sample(sample.n, generator, **sample.options)
+                model.train(was_training)
+                path = images.save_png(grid, self.run_dir / "samples" / f"step-{self.step:09d}.png")
+                self.tracker.log_image("samples", path, self.step, caption=f"step {self.step}")
+            self._barrier()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean held-out bits/dim over all processes (the same computation as ``launch eval``)."""
         evaluation = self.config.eval
         data = self.config.data
-        bits_per_dim, count = held_out_bits_per_dim(
-            self.sampling_model(evaluation.use_ema),
-            self.eval_shards,
-            image_size=data.image_size,
-            channels=data.channels,
-            batch_size=evaluation.batch_size or data.batch_size,
-            device=self.device,
-            rank=self.rank,
-            world_size=self.world_size,
-            num_workers=min(data.num_workers, 2),
-            max_images=evaluation.max_images,
-            autocast_dtype=self.autocast_dtype,
-        )
+        model = self.sampling_model(evaluation.use_ema)
+        with self._full_parameters(model is self.raw_model):
+            bits_per_dim, count = held_out_bits_per_dim(
+                model,
+                self.eval_shards,
+                image_size=data.image_size,
+                channels=data.channels,
+                batch_size=evaluation.batch_size or data.batch_size,
+                device=self.device,
+                rank=self.rank,
+                world_size=self.world_size,
+                num_workers=min(data.num_workers, 2),
+                max_images=evaluation.max_images,
+                autocast_dtype=self.autocast_dtype,
+            )
         return {"eval/bits_per_dim": bits_per_dim, "eval/images": count}
 
     # -- the loop -----------------------------------------------------------------------------
@@ -521,10 +684,11 @@ class Trainer:
             return 0
         if self.is_main:
             log.info(
-                "training %s: %d parameters, %d process(es), global batch %d, from step %d to %d",
+                "training %s: %d parameters, %d process(es) (%s), global batch %d, from step %d to %d",
                 config.model.family,
-                sum(p.numel() for p in self.raw_model.parameters()),
+                self.parameter_count,
                 self.world_size,
+                self._strategy_name(),
                 self.global_batch,
                 self.step,
                 train.max_steps,
@@ -570,8 +734,20 @@ class Trainer:
                     }
                     if self.scaler.is_enabled():
                         record["loss_scale"] = self.scaler.get_scale()
+                    elif self._last_loss_scale is not None:
+                        record["loss_scale"] = self._last_loss_scale
+                    if self.scaler.is_enabled() and self.is_main:
+                        if self._last_loss_scale is not None and record["loss_scale"] != self._last_loss_scale:
+                            log.info("loss scale %g -> %g by step %d", self._last_loss_scale, record["loss_scale"], step)
+                        self._last_loss_scale = record["loss_scale"]
+                    if record["bad_steps"] and self.is_main:
+                        log.warning(
+                            "skipped %d step(s) with a non-finite loss or gradient in the last %d "
+                            "(%d in this run)", record["bad_steps"], window_steps, record["bad_steps_total"]
+                        )
                     record.update(_performance_fields(self, record["images_per_s"]))
                     self._log(record, progress)
+                    self._check_health()
                     sums, window_steps, window_wait = {}, 0, 0.0
                     window_start = time.perf_counter()
                 if config.eval.every_steps and step % config.eval.every_steps == 0:
@@ -597,11 +773,14 @@ class Trainer:
             if progress is not None:
                 progress.close()
             self.batches.close()
+        with self._full_parameters():
+            digest = weights_digest(self.raw_model)
         self._write_rank_record(
             "end",
             step=self.step,
             exit_code=exit_code,
-            weights_sha256=weights_digest(self.raw_model),
+            weights_sha256=digest,
+            **_peak_memory(self.device),
         )
         if self.metrics_file is not None:
             self.metrics_file.close()
@@ -626,6 +805,17 @@ class Trainer:
                 if k in ("step", "loss", "grad_norm", "images_per_s", "mfu", "eval/bits_per_dim", "eval/fid", "eval/kid")
             )
             log.info(summary)
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """Peak host RSS and, on GPUs, peak allocated device memory of this process (for benchmarks)."""
+    import resource
+
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        peak["peak_cuda_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return peak
 
 
 def _tracked_name(key: str) -> str:
@@ -775,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK", "0")
         tag = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"error: {tag}{one_line(exc)}", file=sys.stderr)
-        return UserError.exit_code
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -966,6 +966,23 @@ def main(argv: list[str] | None = None) -> int:
         tag = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"error: {tag}{one_line(exc)}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        if not _peer_failed(exc):
+            raise
+        # Another process died (and told its own story); this one only lost its connection.
+        rank = os.environ.get("RANK", "0")
+        print(f"error: [rank {rank}] stopped: another process of the job failed", file=sys.stderr)
+        return 1
+
+
+def _peer_failed(exc: BaseException) -> bool:
+    """A collective failed because a peer process went away, not because of this process."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return False
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistBackendError", ())) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
 
 
 if __name__ == "__main__":

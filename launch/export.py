@@ -13,22 +13,17 @@ from pathlib import Path
 
 import safetensors.torch
 
-from pipeline import checkpoint, config as config_module, models
+from pipeline import config as config_module, models
 from pipeline.errors import UserError
 
 WEIGHTS_FORMAT = "genpipe-weights/1"
 
 
 def export_weights(run_dir: str, out: str, use_ema: bool = True, checkpoint_path: str | None = None) -> Path:
-    from launch.sample import load_run_config
+    from launch.sample import load_run_config, run_checkpoint
 
     config = load_run_config(run_dir)
-    if checkpoint_path is not None:
-        loaded = checkpoint.open_checkpoint(checkpoint_path)
-    else:
-        loaded = checkpoint.find_for_run(run_dir)
-        if loaded is None:
-            raise UserError(f"{run_dir}: no intact checkpoint to export (has it trained yet?)")
+    loaded = run_checkpoint(run_dir, checkpoint_path)
     which = "ema" if use_ema and loaded.has("ema.safetensors") else "model"
     tensors = loaded.tensors(f"{which}.safetensors")
     # Fail here, not at sampling time, if the weights do not fit the config's architecture.

@@ -25,6 +25,16 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     return config_module.load(path)
 
 
+def run_checkpoint(run_dir: str | Path, checkpoint_path: str | None = None):
+    """The given checkpoint directory, else the run's newest intact one (verified either way)."""
+    if checkpoint_path is not None:
+        return checkpoint.open_checkpoint(checkpoint_path)
+    loaded = checkpoint.find_for_run(run_dir)
+    if loaded is None:
+        raise UserError(f"{run_dir}: no intact checkpoint (has it trained yet?)")
+    return loaded
+
+
 def load_model(run_dir: str | Path, use_ema: bool = True, checkpoint_path: str | None = None, device: str = "cpu"):
     """(model in eval mode, manifest or metadata, config) for a run directory, or for a weights
     file written by ``launch export`` (which carries its config)."""
@@ -33,12 +43,7 @@ def load_model(run_dir: str | Path, use_ema: bool = True, checkpoint_path: str |
 
         return load_weights_file(run_dir, device)
     config = load_run_config(run_dir)
-    if checkpoint_path is not None:
-        loaded = checkpoint.open_checkpoint(checkpoint_path)
-    else:
-        loaded = checkpoint.find_for_run(run_dir)
-        if loaded is None:
-            raise UserError(f"{run_dir}: no intact checkpoint to load (has it trained yet?)")
+    loaded = run_checkpoint(run_dir, checkpoint_path)
     model = models.build(config.model, config.data.image_size, config.data.channels)
     name = "ema.safetensors" if use_ema and loaded.has("ema.safetensors") else "model.safetensors"
     model.load_state_dict(loaded.tensors(name))

@@ -12,6 +12,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for in-process tests: the 2 CI cores are shared, and threads spinning
+    against other processes make tiny convolutions many times slower than one thread."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """`data-prep digits` output (train: 15 shards, test: 4 shards of 32×32 grayscale)."""

@@ -17,15 +17,6 @@ SIZE = 8
 POSITIONS = [(0, 0), (0, 5), (3, 4), (4, 7), (5, 0), (7, 7)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's 2 cores are shared; tiny nets gain nothing from threads.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny(network: str = "pixelcnn++", output: str = "logistic_mixture", size: int = SIZE, channels: int = 3, **kw):
     torch.manual_seed(0)
     settings = dict(filters=16, num_resnet=1, num_stages=2, num_mixtures=2, dropout=0.0) | kw

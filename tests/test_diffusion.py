@@ -25,16 +25,6 @@ from pipeline.models.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared: intra-op threads spinning against other processes
-    # make tiny convolutions ~20x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**overrides) -> DiffusionConfig:
     fields = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                   attention_resolutions=(4,), norm_groups=8, dropout=0.0, timesteps=20,

@@ -26,15 +26,6 @@ VARIANTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine has 2 shared cores; more threads than that makes tiny convolutions crawl.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _perturb(module: torch.nn.Module, scale: float = 0.1) -> None:
     """Move every parameter off its (often identity) initialisation so the checks mean something."""
     generator = torch.Generator().manual_seed(1)

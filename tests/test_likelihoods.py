@@ -18,15 +18,6 @@ from pipeline.models.likelihoods import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's 2 cores are shared; tiny tensors gain nothing from threads.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def random_params(batch: int, k: int, c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     """Means mostly inside [-1, 1], log-scales from very sharp (clamped) to broad, coeffs ±."""
     g = torch.Generator().manual_seed(seed)

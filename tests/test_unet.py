@@ -10,15 +10,6 @@ from pipeline.models.layers import AttentionBlock, timestep_embedding
 from pipeline.models.unet import UNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Shared cores: intra-op threads spinning against other processes slow tiny convs ~20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(**overrides) -> UNet:
     kwargs = dict(in_channels=3, out_channels=3, base_channels=16, channel_mult=(1, 2),
                   num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, image_size=8,

@@ -13,15 +13,6 @@ from pipeline.models.vae import VAEConfig, VAEModel, gaussian_kl_to_standard, ga
 TINY = dict(hidden_channels=16, downsample_levels=1, res_blocks=1, latent_channels=4, num_mixtures=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine has 2 shared cores; more threads than that makes tiny convolutions crawl.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _batch(n: int = 4, seed: int = 0, channels: int = 3) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, channels, 8, 8), generator=generator, dtype=torch.uint8)

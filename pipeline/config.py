@@ -87,7 +87,17 @@ class TrainConfig(StrictModel):
     signal_check_every_steps: int = Field(default=1, ge=1)
     """Steps between checks, agreed by all processes, of whether a stop signal arrived."""
     compile: bool = False
-    """Wrap the model in torch.compile."""
+    """torch.compile the training forward (the model's loss, noise sampling included): one graph
+    without breaks on a single process (``fullgraph``); under DDP, compiled around the DDP wrapper
+    so its graph is split at gradient-bucket boundaries and communication overlaps the backward.
+    The first steps pay the compilation (tens of seconds on a GPU)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode: ``reduce-overhead`` replays CUDA graphs (helps small models whose
+    step is dominated by kernel launches), ``max-autotune`` also searches kernel configurations."""
+    channels_last: bool = False
+    """Keep weights and activations in channels-last (NHWC) memory layout, which the tensor-core
+    convolution kernels prefer; whether it is faster depends on the network: measure
+    (benchmarks/train_step.py --channels-last)."""
     deterministic: bool = False
     """Ask PyTorch for deterministic kernels (slower on GPU; bit-exact resume needs it)."""
     max_bad_steps: int = Field(default=20, ge=1)

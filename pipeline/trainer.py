@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, config as config_module, deepspeed_engine, images, models, preemption
+from pipeline import checkpoint, config as config_module, deepspeed_engine, images, models, optim, preemption
 from pipeline.config import RunConfig
 from pipeline.data import TrainingBatches, check_shards_match, resolve_shards, shards_for_reader
 from pipeline.ema import EMA
@@ -49,6 +49,7 @@ log = logging.getLogger("pipeline.trainer")
 
 FAIL_AT_STEP_ENV = "GENPIPE_FAIL_AT_STEP"  # test hook: raise inside training at this step
 NAN_AT_STEPS_ENV = "GENPIPE_NAN_AT_STEPS"  # test hook: "3,4" makes rank 0's loss NaN at those steps
+COMPILE_BACKEND_ENV = "GENPIPE_COMPILE_BACKEND"  # test hook: e.g. "aot_eager" (graphs, no codegen)
 EXIT_DIVERGED = 3
 
 
@@ -170,7 +171,13 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.raw_model = models.build(config.model, config.data.image_size, config.data.channels)
         self.raw_model.to(self.device)
-        self.parameter_count = sum(p.numel() for p in self.raw_model.parameters())
+        self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+        if train.channels_last:
+            self.raw_model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda" and not train.deterministic:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
+        self.parameters = list(self.raw_model.parameters())
+        self.parameter_count = sum(p.numel() for p in self.parameters)
         self.ema = (
             EMA(self.raw_model, train.ema_halflife_images, train.ema_rampup_ratio)
             if train.ema_halflife_images
@@ -183,15 +190,8 @@ class Trainer:
                 config, self.raw_model.parameters(), learning_rate(train, 0), self.device.type
             )
         else:
-            fused = self.device.type == "cuda"
-            self.optimizer = torch.optim.AdamW(
-                self.raw_model.parameters(),
-                lr=learning_rate(train, 0),
-                betas=tuple(train.betas),
-                eps=train.eps,
-                weight_decay=train.weight_decay,
-                fused=fused or None,
-                foreach=None if fused else True,
+            self.optimizer = optim.make_adamw(
+                self.raw_model.parameters(), train, learning_rate(train, 0), self.device.type
             )
         self.autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[train.mixed_precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.mixed_precision == "fp16")
@@ -239,10 +239,18 @@ class Trainer:
                 deepspeed_engine.load_full_state(self.model, self.optimizer, *self._pending_engine_state)
                 self._pending_engine_state = None
         else:
-            network = self.raw_model
+            # DDP (one process: the model itself), then compile around it: DDP's graph is split
+            # at its gradient buckets so the all-reduce overlaps the backward (DDPOptimizer).
+            self.ddp_model = self.accelerator.prepare_model(self.raw_model)
+            self.model = self.ddp_model
             if train.compile:
-                network = torch.compile(network)
-            self.model = self.accelerator.prepare_model(network)
+                backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+                self.model = torch.compile(
+                    self.ddp_model,
+                    fullgraph=self.world_size == 1,
+                    backend=backend,
+                    mode=train.compile_mode if backend == "inductor" else None,
+                )
 
         self.eval_shards = None
         if data.eval_shards is not None:
@@ -506,7 +514,7 @@ class Trainer:
             before = time.perf_counter()
             batch = next(self.batches)
             waited += time.perf_counter() - before
-            batch = batch.to(self.device, non_blocking=True)
+            batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             last = micro == train.grad_accum - 1
             if self.strategy == "deepspeed":
                 with self._autocast():
@@ -517,7 +525,7 @@ class Trainer:
                 self.model.backward(loss)
                 self.model.step()
             else:
-                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.ddp_model)
                 with sync:
                     with self._autocast():
                         loss, metrics = self.model(batch)
@@ -547,26 +555,7 @@ class Trainer:
 
     def _ddp_optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscale, clip, step unless the gradient is non-finite; (grad_norm, bad) on the device."""
-        train = self.config.train
-        self.scaler.unscale_(self.optimizer)
-        max_norm = train.grad_clip if train.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        # A NaN/inf loss makes the gradients, hence the all-reduced norm, non-finite on every rank.
-        bad = ~torch.isfinite(grad_norm)
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # skips inf/NaN itself (fused: via found_inf, no sync)
-            self.scaler.update()
-        elif self.device.type == "cuda":
-            # Fused AdamW skips the update on the device when found_inf is set (GradScaler's own
-            # mechanism): no host sync.
-            self.optimizer.grad_scale = None
-            self.optimizer.found_inf = bad.float()
-            self.optimizer.step()
-            del self.optimizer.grad_scale, self.optimizer.found_inf
-        elif not bool(bad):  # on CPU reading the flag costs nothing; foreach AdamW as before
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, bad
+        return optim.clip_and_step(self.optimizer, self.parameters, self.config.train.grad_clip, self.scaler)
 
     def _engine_step_outcome(self) -> tuple[torch.Tensor, torch.Tensor]:
         """DeepSpeed already skipped a non-finite step (its overflow check); read what it did."""

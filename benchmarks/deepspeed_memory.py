@@ -6,9 +6,12 @@ resuming are part of the run), then report the median images/s over the logged i
 the first, and the peak memory per process from the run's rank records (``peak_cuda_allocated_mb``
 on GPUs, ``peak_rss_mb`` always; the maximum over ranks and both launches).
 
-GPU (the figures for docs/benchmarks.md; data prepared as the configs' comments say):
+GPU (the figures for docs/benchmarks.md), on the configs' own data (prepared as their comments
+say), or, where none is there (the lent GPU machine reaches no network), on ``--synthetic-images
+N`` photo crops (benchmarks/loader.py) written at each config's image size by ``data-prep images``:
 
-    python benchmarks/deepspeed_memory.py --steps 300 --nproc 1 --out benchmarks/deepspeed_memory.jsonl
+    python benchmarks/deepspeed_memory.py --steps 300 --nproc 1 --synthetic-images 1024 \
+        --out docs/benchmarks/deepspeed_memory_h100.jsonl
 
 CPU smoke run (tiny configs on digits made in a temporary directory, 2 processes, seconds):
 
@@ -83,6 +86,28 @@ def run_one(config: str, strategy: str, steps: int, nproc: int, precision: str, 
     return {**line, **_summary(run_dir), "wall_s": round(wall, 1)}
 
 
+def _synthetic_shards(config: str, count: int, work: Path) -> list[str]:
+    """Overrides pointing ``config`` at ``count`` photo crops written at its image size."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from loader import make_image_folder, photographs
+    from pipeline import config as config_module
+
+    data = config_module.load(REPO / config).data
+    out = work / f"photos-{data.image_size}-{data.channels}"
+    if not out.exists():
+        folder = work / "photos"
+        if not folder.exists():
+            make_image_folder(folder, photographs(None), count, seed=0)
+        per_shard = max(1, count // (4 * max(data.num_workers, 1)))
+        command = [sys.executable, "-m", "data_prep.cli", "images", str(folder), str(out), "--size",
+                   str(data.image_size), "--mode", "RGB" if data.channels == 3 else "L", "--holdout", "0.05",
+                   "--samples-per-shard", str(per_shard)]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"data-prep images failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    return [f"data.shards={out / 'train'}", f"data.eval_shards={out / 'test'}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
@@ -91,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default="ddp,zero2")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU-sized data (a smoke run)")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    parser.add_argument("--synthetic-images", type=int, default=0, metavar="N",
+                        help="train on N photo crops at each config's size instead of its data.shards")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args(argv)
 
@@ -115,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"config": config, "error": "config file not in this checkout"}), flush=True)
                 continue
             extra = list(base)
+            if args.synthetic_images and not args.tiny:
+                extra = [*_synthetic_shards(config, args.synthetic_images, work), *extra]
             if config.endswith("ddpm.yaml"):
                 extra += ["model.base_channels=8", "model.norm_groups=4", "model.sample_steps=2"]
             elif "ddpm" in config:

@@ -106,3 +106,32 @@ def test_timestep_embedding_and_attention_heads():
     one_head = AttentionBlock(16, num_heads=1, norm_groups=8)
     assert one_head.num_heads == 1
     assert AttentionBlock(16, head_channels=4, norm_groups=8).num_heads == 4
+
+
+def _attention_by_hand(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """DDPM's attn_block written out: 1x1 convs, per-head softmax(q k^T / sqrt(d)) v."""
+    batch, channels, height, width = x.shape
+    heads, d = block.num_heads, channels // block.num_heads
+    q, k, v = block.qkv(block.norm(x)).reshape(batch, 3, heads, d, height * width).unbind(1)
+    weights = torch.softmax(torch.einsum("bhdi,bhdj->bhij", q, k) / d ** 0.5, dim=-1)
+    h = torch.einsum("bhij,bhdj->bhdi", weights, v).reshape(batch, channels, height, width)
+    return x + block.proj_out(h)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_matches_the_written_out_formula_on_the_fused_kernel(heads, channels_last):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    block = AttentionBlock(32, num_heads=heads, norm_groups=8)
+    torch.nn.init.normal_(block.proj_out.weight, std=0.1)
+    x = torch.randn(2, 32, 8, 8)
+    expected = _attention_by_hand(block, x)
+    if channels_last:
+        block.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    # Only the flash kernel allowed: it raises if q, k, v are not laid out as fused kernels need.
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = block(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -239,7 +239,12 @@ def epsilon_loss(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+    if x.device.type != "cuda":
+        return noise.to(x.device)
+    # From pinned memory the copy is asynchronous: the host draws the next step's noise while the
+    # GPU still runs this step, instead of waiting for the GPU at every step of the chain.
+    return noise.pin_memory().to(x.device, non_blocking=True)
 
 
 def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, x_T: torch.Tensor,

@@ -64,10 +64,17 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        qkv = self.qkv(self.norm(x))
-        # [B, 3C, H, W] -> 3 x [B, heads, HW, C/heads]
-        qkv = qkv.reshape(batch, 3, self.num_heads, channels // self.num_heads, height * width)
-        q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)
+        heads = self.num_heads
+        # The 1x1 convolutions are applied as matmuls over tokens [B, HW, C], so that q, k and v
+        # come out with their feature dimension contiguous, as the fused attention kernels
+        # (flash, memory-efficient) require; a conv output sliced per head is not, and attention
+        # would fall back to the unfused math kernel. In channels-last layout the token view of
+        # the input is free.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
+        # [B, HW, 3C] -> 3 x [B, heads, HW, C/heads]
+        q, k, v = qkv.reshape(batch, height * width, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
         h = F.scaled_dot_product_attention(q, k, v)
-        h = h.permute(0, 1, 3, 2).reshape(batch, channels, height, width)
-        return x + self.proj_out(h)
+        h = h.transpose(1, 2).reshape(batch, height * width, channels)
+        out = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.transpose(1, 2).reshape(batch, channels, height, width)

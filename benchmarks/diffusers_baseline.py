@@ -33,6 +33,7 @@ from torch import nn
 from pipeline import models
 from pipeline.models.layers import AttentionBlock
 from pipeline.models.unet import Downsample, ResBlock, UNet, Upsample
+from torchvision_compat import import_torchvision
 
 # Our parameter names inside a residual block and an attention block -> diffusers' names.
 _RESBLOCK_NAMES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj",
@@ -42,24 +43,15 @@ _NORM_EPS = 1e-6  # pipeline/models/layers.py group_norm
 
 
 def import_diffusers():
-    """The diffusers package, with its models importable.
-
-    diffusers imports torchvision whenever it is installed; a torchvision built for another
-    torch (e.g. a CUDA wheel next to a CPU torch) fails to load its operators and takes every
-    diffusers model down with it. UNet2DModel needs nothing from torchvision, so a torchvision
-    that cannot be imported is declared absent to diffusers instead.
-    """
+    """The diffusers package, with its models importable (diffusers imports torchvision whenever
+    it is installed: benchmarks/torchvision_compat.py makes a mismatched one importable)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        import_torchvision()
     try:
         import diffusers
     except ImportError:
         raise SystemExit("benchmarks: diffusers is not installed; `pip install diffusers` "
                          "(the comparison was written against 0.42)") from None
-    if importlib.util.find_spec("torchvision") is not None:
-        try:
-            importlib.import_module("torchvision")
-        except (ImportError, RuntimeError, OSError):
-            from diffusers.utils import import_utils
-            import_utils._torchvision_available = False
     return diffusers
 
 

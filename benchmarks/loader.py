@@ -73,6 +73,7 @@ from PIL import Image
 from data_prep.sources import find_images
 from pipeline.data import TrainingBatches, decode_image, iter_raw_samples, resolve_shards
 from pipeline.errors import UserError
+from torchvision_compat import import_torchvision
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 256
@@ -81,39 +82,6 @@ JPEG_QUALITY = 95
 SHUFFLE_BUFFER = 1000  # the config default (pipeline/config.py)
 PREFETCH_FACTOR = 4  # the config default, used for both sides
 IMPLS = ("ours", "torchvision")
-
-# torch.library operators declared by import_torchvision; kept alive while the process runs.
-_missing_torchvision_ops = None
-
-
-def import_torchvision():
-    """The torchvision module, or a UserError saying how to get one.
-
-    PyPI's Linux wheels of torchvision are CUDA builds. Beside a CPU-only torch their C extension
-    cannot load, and the import then fails registering fake kernels for the ``nms`` and ``qnms``
-    operators the extension would have defined (pytorch/vision#9085). ImageFolder and the
-    transforms used here are pure Python and call neither, so the two operators are declared
-    without kernels and the import is tried again.
-    """
-    global _missing_torchvision_ops
-    try:
-        import torchvision
-    except ModuleNotFoundError:
-        raise UserError(
-            "torchvision is not installed: `pip install --no-deps torchvision==<the release built "
-            "for your torch>` (0.28.0 for torch 2.13), or pass --impl ours"
-        ) from None
-    except RuntimeError as exc:
-        if "operator torchvision::" not in str(exc):
-            raise
-        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-        _missing_torchvision_ops = torch.library.Library("torchvision", "FRAGMENT")
-        for name in ("nms", "qnms"):
-            _missing_torchvision_ops.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import torchvision
-    return torchvision
-
 
 # ---------------------------------------------------------------------------------------------
 # Data

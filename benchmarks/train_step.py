@@ -290,6 +290,22 @@ def time_row(step, images: torch.Tensor, warmup: int, steps: int,
     return first_step_s, time.perf_counter() - started, None
 
 
+def profile_row(step, images: torch.Tensor, device: torch.device, path: Path, title: str,
+                steps: int = 5) -> None:
+    """Append the kernels that dominate ``steps`` more steps (self device time) to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step(images)
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=90)
+    with path.open("a") as sink:
+        sink.write(f"## {title}: {steps} steps, sorted by {sort_by}\n{table}\n")
+
+
 def release(device: torch.device) -> None:
     """Forget compiled graphs and free the last row's memory before the next row."""
     torch._dynamo.reset()
@@ -404,6 +420,8 @@ def parse_args(argv: list[str] | None):
                         "none on CPU)")
     parser.add_argument("--loss-check", type=int, default=0, metavar="N",
                         help="also train ours N steps in fp32 and in bf16 and compare the losses")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="append each row's top kernels (torch.profiler, 5 more steps) to FILE")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON lines appended here (default docs/benchmarks/train_step_<device>.jsonl)")
     args = parser.parse_args(argv)
@@ -475,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                     check_same_work(work, impl, params, flops, network)
                     first_step_s, seconds, peak_mb = time_row(step, images, args.warmup,
                                                               args.steps, device)
+                    if args.profile:
+                        profile_row(step, images, device, args.profile,
+                                    f"{network} batch {batch} {impl} {mode}")
                     del step, images
                     release(device)
                     img_s = batch * args.steps / seconds

@@ -98,7 +98,7 @@ def test_tiny_run_end_to_end(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--networks", "tiny",
          "--batches", "4", "--modes", "eager", "--steps", "3", "--warmup", "1",
-         "--loss-check", "8", "--out", str(out)],
+         "--loss-check", "8", "--out", str(out), "--profile", str(tmp_path / "profile.txt")],
         capture_output=True, text=True, timeout=300, cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
@@ -121,3 +121,8 @@ def test_tiny_run_end_to_end(tmp_path):
     for field in ("mean_fp32", "mean_bf16", "difference", "step_std", "within_noise"):
         assert field in check, field
     assert "tiny" in done.stdout and "ours" in done.stdout
+    profile = (tmp_path / "profile.txt").read_text()
+    for impl in ("diffusers", "ours"):
+        section = profile.split(f"## tiny batch 4 {impl} eager")[1].split("## ")[0]
+        # Both sides' attention runs on a fused kernel, not the unfused math path.
+        assert "scaled_dot_product_flash_attention" in section, section

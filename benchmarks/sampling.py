@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import sys
 import time
@@ -90,7 +89,7 @@ import torch
 from diffusers_baseline import copy_weights, diffusers_unet_for, import_diffusers, randomize_weights_
 from pipeline import config as config_module, models
 from pipeline.models import diffusion
-from train_step import COMPILE_MODES, NETWORKS, REPO, choices, device_slug, release, synchronize
+from train_step import COMPILE_MODES, NETWORKS, REPO, choices, release, start_run, synchronize
 
 # name -> (our sampler, network evaluations); DDPM's count is T (--ddpm-steps overrides it).
 SAMPLERS = {"ddim50": ("ddim", 50), "ddpm1000": ("ddpm", 1000)}
@@ -377,17 +376,7 @@ def print_row(row: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as the trainer; a careful diffusers user too
-    out = args.out or REPO / "docs" / "benchmarks" / f"sampling_{device_slug(device)}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    common = {
-        "device": device_slug(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "diffusers": import_diffusers().__version__,
-    }
+    device, out, common = start_run("sampling", args.out)
     with out.open("a") as sink:
         if args.check:
             for row in sampler_check(min(args.ddpm_steps, CHECK_DDPM_STEPS)):

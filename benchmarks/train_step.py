@@ -455,21 +455,28 @@ def print_row(row: dict) -> None:
           f"{row['first_step_s']:>8.1f}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def start_run(kind: str, out: Path | None) -> tuple[torch.device, Path, dict]:
+    """The device (cuDNN autotuning on, as the trainer; a careful diffusers user too), the JSON
+    lines file (default docs/benchmarks/<kind>_<device>.jsonl) and the fields every row carries."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    peak_tflops = args.peak_tflops or (H100_BF16_PEAK_TFLOPS if device.type == "cuda" else None)
-    out = args.out or REPO / "docs" / "benchmarks" / f"train_step_{device_slug(device)}.jsonl"
+    out = out or REPO / "docs" / "benchmarks" / f"{kind}_{device_slug(device)}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     common = {
         "device": device_slug(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "diffusers": import_diffusers().__version__,
-        "compile_mode": args.compile_mode,
     }
+    return device, out, common
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device, out, common = start_run("train_step", args.out)
+    common["compile_mode"] = args.compile_mode
+    peak_tflops = args.peak_tflops or (H100_BF16_PEAK_TFLOPS if device.type == "cuda" else None)
     print(f"{'network':>8} {'batch':>5} {'impl':>9} {'mode':>8} {'img/s':>9} {'step_ms':>9} "
           f"{'TFLOP/s':>8} {'MFU':>6} {'peak_MB':>8} {'ratio':>6} {'first_s':>8}")
     with out.open("a") as sink:

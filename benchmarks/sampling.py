@@ -15,8 +15,9 @@ batch shape, so nothing recompiles between samplers.
 - ``ours``: ``DiffusionModel.sample(batch, generator, sampler=..., steps=...)`` as ``launch
   sample`` and the trainer's sample grids call it, under ``torch.autocast(bfloat16)`` with fp32
   weights (as the trainer's sample grids and FID do; ``launch sample`` itself runs fp32). The
-  sampler state is fp32 and all noise is drawn from a CPU generator and copied to the device (the
-  model's contract: the same images on any device); the cost of that is part of the figure.
+  sampler state is fp32 and all noise is drawn from a CPU generator (the model's contract: the
+  same images on any device) and copied to the GPU from pinned memory without blocking; whatever
+  that costs is part of the figure.
   Compiled: ``model.net = torch.compile(model.net, mode=--compile-mode)``.
 - ``diffusers``: the unet cast to bfloat16 (weights and latents, what ``from_pretrained(...,
   torch_dtype=torch.bfloat16)`` gives, the precision diffusers documents for inference), a

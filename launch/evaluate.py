@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError, one_line
+from pipeline.errors import UserError, one_line, rank_tag
 
 # torch, the data readers and the models are imported where used, so that building the
 # ``launch`` argument parser (which registers this command) stays quick.
@@ -274,9 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_arguments(args)
         return _evaluate_and_report(args)
     except UserError as exc:
-        rank = os.environ.get("RANK", "0")
-        tag = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"launch: error: {tag}{one_line(exc)}", file=sys.stderr)
+        print(f"launch: error: {rank_tag()}{one_line(exc)}", file=sys.stderr)
         return UserError.exit_code
     finally:
         import torch.distributed as dist

@@ -7,6 +7,8 @@ traceback.
 
 from __future__ import annotations
 
+import os
+
 
 class UserError(Exception):
     """A mistake in input the user controls (config, data, paths, arguments)."""
@@ -36,3 +38,10 @@ def one_line(exc: BaseException) -> str:
                 return last[len(head):]
         return last
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def rank_tag() -> str:
+    """``"[rank R] "`` inside a multi-process job (torchrun-style environment), else ``""``."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return ""
+    return f"[rank {os.environ.get('RANK', '0')}] "

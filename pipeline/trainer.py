@@ -941,7 +941,7 @@ def run(config: RunConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.trainer CONFIG [overrides]``: one training process."""
-    from pipeline.errors import one_line
+    from pipeline.errors import one_line, rank_tag
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
@@ -951,16 +951,13 @@ def main(argv: list[str] | None = None) -> int:
         config = config_module.load(args[0], args[1:])
         return run(config)
     except UserError as exc:
-        rank = os.environ.get("RANK", "0")
-        tag = f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"error: {tag}{one_line(exc)}", file=sys.stderr)
+        print(f"error: {rank_tag()}{one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:
         if not _peer_failed(exc):
             raise
         # Another process died (and told its own story); this one only lost its connection.
-        rank = os.environ.get("RANK", "0")
-        print(f"error: [rank {rank}] stopped: another process of the job failed", file=sys.stderr)
+        print(f"error: {rank_tag()}stopped: another process of the job failed", file=sys.stderr)
         return 1
 
 

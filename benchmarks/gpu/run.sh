@@ -5,7 +5,7 @@
 #   device run:        command="benchmarks/gpu/run.sh PART", carry=[".whl"]
 # then copy the returned files into docs/benchmarks/ (JSON lines are appended per run).
 # Parts, in the order to spend a session's device time on them:
-#   check          trainer on CUDA: tiny DDPM, compiled, 2 injected NaN steps skipped (~2 min)
+#   check          Inductor's fused kernels; trainer on CUDA: tiny DDPM, compiled, 2 NaN steps skipped (~3 min)
 #   train-cifar32  benchmarks/train_step.py, DDPM CIFAR-10 net, batches 128 and 512, bf16 loss check
 #   train-256      the 256 net, batch 16 (batch 32: PART=train-256-b32)
 #   deepspeed      benchmarks/deepspeed_memory.py: ddpm_256 and pixelcnn_cifar32, DDP vs ZeRO-2
@@ -22,6 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c "import torch, diffusers, deepspeed, webdataset; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$out/gpu.txt"
 case "$part" in
 check)
+    python3 benchmarks/fusion_check.py --channels 256 | tee "$out/fusion_check.txt"
     python3 -m data_prep.cli digits /tmp/digits
     GENPIPE_NAN_AT_STEPS=30,31 python3 -m launch.cli local configs/tiny/ddpm.yaml run_dir=/tmp/check \
         data.shards=/tmp/digits/train data.eval_shards=/tmp/digits/test wandb.mode=disabled \

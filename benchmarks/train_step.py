@@ -81,6 +81,7 @@ from diffusers_baseline import (check_same_outputs, copy_weights, diffusers_unet
                                 import_diffusers, no_tf32)
 from pipeline import config as config_module, models, optim
 from pipeline.ema import EMA
+from pipeline.trainer import add_step_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,11 +144,8 @@ class OurTrainStep:
                                              self.scaler)
         self.images_seen += batch.shape[0]
         self.ema.update(self.model, batch.shape[0], self.images_seen)
-        values = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in metrics.items()},
-                  "grad_norm": grad_norm.detach().float(), "good_steps": (~bad).float()}
-        for name, value in values.items():
-            value = torch.where(bad, 0.0, value) if name != "good_steps" else value
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        values = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in metrics.items()}}
+        add_step_metrics(self.sums, values, grad_norm, bad)
         self.bad_streak = (self.bad_streak + 1) * bad
         self.bad_total = self.bad_total + bad
         return loss.detach()

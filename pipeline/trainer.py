@@ -544,11 +544,7 @@ class Trainer:
         if self.ema is not None:
             with self._full_parameters():
                 self.ema.update(self.raw_model, self.global_batch, self.images_seen)
-        # Skipped steps stay out of the logged means; counters stay on the device.
-        for name, value in step_values.items():
-            _add(sums, name, torch.where(bad, 0.0, value))
-        _add(sums, "grad_norm", torch.where(bad, 0.0, grad_norm.detach().float()))
-        _add(sums, "good_steps", (~bad).float())
+        add_step_metrics(sums, step_values, grad_norm, bad)
         self.bad_streak = (self.bad_streak + 1) * bad
         self.bad_total = self.bad_total + bad
         return waited
@@ -897,6 +893,16 @@ def _fid_metrics(trainer: Trainer) -> dict[str, float]:
         "eval/fid_images": int(result["fid_images"]),
         "eval/fid_seconds": time.perf_counter() - started,
     }
+
+
+def add_step_metrics(sums: dict[str, torch.Tensor], step_values: dict[str, torch.Tensor],
+                     grad_norm: torch.Tensor, bad: torch.Tensor) -> None:
+    """Add one step's metrics to the window's running sums, on the device (no host sync); a
+    skipped step's values stay out of the logged means, and ``good_steps`` counts the others."""
+    for name, value in step_values.items():
+        _add(sums, name, torch.where(bad, 0.0, value))
+    _add(sums, "grad_norm", torch.where(bad, 0.0, grad_norm.detach().float()))
+    _add(sums, "good_steps", (~bad).float())
 
 
 def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 
 from data_prep import sources
 from data_prep.writer import Sample, StagedOutput, write_split
+from pipeline import cliargs
 from pipeline.errors import UserError
 from pipeline.manifest import MANIFEST_NAME
 
@@ -62,8 +63,8 @@ def _default_workers() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="data-prep", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = cliargs.Parser(prog="data-prep", description=__doc__.split("\n")[0])
+    commands = cliargs.subcommands(parser, dest="command", required=True, metavar="COMMAND")
 
     digits = commands.add_parser("digits", help="sklearn's 8x8 digits as shards (with labels)")
     digits.add_argument("out", metavar="OUT", help="output directory")

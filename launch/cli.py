@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline import cliargs
 from pipeline.errors import UserError, one_line
 
 
@@ -40,18 +41,18 @@ def _export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = cliargs.Parser(prog="launch", description=__doc__)
+    commands = cliargs.subcommands(parser, dest="command", required=True)
 
     local = commands.add_parser("local", help="train on this machine with N processes")
     local.add_argument("config", help="YAML config file")
-    local.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    local.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")
     local.add_argument("--nproc", type=int, default=1, help="processes (one per GPU, or CPU processes)")
     local.set_defaults(func=_local)
 
     sample = commands.add_parser("sample", help="write a grid of samples from a run's checkpoint")
     sample.add_argument("run_dir", help="a run directory, or a weights file from `launch export`")
-    sample.add_argument("options", nargs="*", help="sampling options, e.g. sampler=ddim steps=50")
+    sample.add_argument("options", nargs="*", default=[], help="sampling options, e.g. sampler=ddim steps=50")
     sample.add_argument("--n", type=int, default=64, help="number of images")
     sample.add_argument("--out", default="samples.png", help="output PNG")
     sample.add_argument("--seed", type=int, default=0)

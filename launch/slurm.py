@@ -472,7 +472,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "config's slurm: section (override them like any key: slurm.nodes=4).",
     )
     slurm.add_argument("config", help="YAML config file")
-    slurm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    slurm.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")
     slurm.add_argument("--dry-run", action="store_true",
                        help="print the sbatch script that would be submitted; submit nothing")
     slurm.add_argument("--wait", action="store_true",

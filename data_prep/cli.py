@@ -2,6 +2,7 @@
 
     data-prep digits OUT      sklearn's 8x8 digits, upscaled, with labels (the default data set)
     data-prep images SRC OUT  a directory tree of image files, resized and centre-cropped
+                              (files it passes over are counted, listed, and say why)
     data-prep verify OUT      check shards against their manifests
 
 Output: ``OUT/train/shard-000000.tar ...`` and ``OUT/test/...`` (only with a test fraction or a
@@ -146,9 +147,13 @@ def run_images(args: argparse.Namespace) -> int:
         raise UserError(f"{src}: source directory does not exist")
     if not src.is_dir():
         raise UserError(f"{src}: source is not a directory")
-    paths = sources.find_images(src)
+    paths, passed_over = sources.scan_tree(src)
     if not paths:
-        raise UserError(f"{src}: no image files ({', '.join(sources.IMAGE_EXTENSIONS)}) found")
+        extensions = ", ".join(sorted(sources.image_extensions()))
+        raise UserError(f"{src}: no image files ({extensions}) found"
+                        + (f"; passed over {len(passed_over)} other file(s), first "
+                           f"{passed_over[0]['path']}: {passed_over[0]['reason']}"
+                           if passed_over else ""))
     split_of = {path: sources.assign_split(path, args.holdout, args.seed) for path in paths}
     splits = ["train"] + (["test"] if args.holdout > 0 else [])
     workers = max(1, min(args.workers or _default_workers(), len(paths)))
@@ -163,7 +168,8 @@ def run_images(args: argparse.Namespace) -> int:
         manifests = {}
         for split in splits:
             order = sources.shuffled([p for p in paths if split_of[p] == split], args.seed)
-            skipped: list[dict] = []
+            skipped = [item for item in passed_over
+                       if sources.assign_split(item["path"], args.holdout, args.seed) == split]
             samples = _decoded(order, decode, pool, workers, skipped)
             manifests[split] = write_split(
                 samples, output.path(split), split=split, image_size=args.size,
@@ -183,12 +189,31 @@ def run_images(args: argparse.Namespace) -> int:
             pool.join()
     for split in splits:
         _report(manifests[split], finals[split])
-    skipped_in = [split for split in splits if manifests[split].skipped]
-    if skipped_in:
-        total = sum(len(manifests[split].skipped) for split in skipped_in)
-        where = ", ".join(str(finals[split] / MANIFEST_NAME) for split in skipped_in)
-        print(f"skipped {total} unreadable file{'s' if total != 1 else ''} (see {where})")
+    _report_skipped({split: (manifests[split], finals[split]) for split in splits})
     return 0
+
+
+SKIPPED_SHOWN = 50  # lines of the summary naming skipped files; the manifests list them all
+
+
+def _report_skipped(written: dict) -> None:
+    """Count and name every input left out (unreadable, unsupported), and where all are listed."""
+    skipped = sorted((item for manifest, _ in written.values() for item in manifest.skipped),
+                     key=lambda item: item["path"])
+    if not skipped:
+        return
+    unsupported = sum(item["reason"].startswith(sources.NOT_READ) for item in skipped)
+    kinds = [f"{len(skipped) - unsupported} unreadable"] if len(skipped) > unsupported else []
+    if unsupported:
+        kinds.append(f"{unsupported} not images by name (extension or hidden)")
+    where = ", ".join(str(final / MANIFEST_NAME) for manifest, final in written.values()
+                      if manifest.skipped)
+    plural = "s" if len(skipped) != 1 else ""
+    print(f"skipped {len(skipped)} file{plural}: {', '.join(kinds)} (listed in {where})")
+    for item in skipped[:SKIPPED_SHOWN]:
+        print(f"  {item['path']}: {item['reason']}")
+    if len(skipped) > SKIPPED_SHOWN:
+        print(f"  ... and {len(skipped) - SKIPPED_SHOWN} more (listed in {where})")
 
 
 def _decoded(order: list[str], decode, pool, workers: int, skipped: list[dict]) -> Iterator[Sample]:

@@ -8,6 +8,7 @@ reason why the file was skipped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -19,8 +20,18 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from data_prep.writer import Sample, encode_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 DIGITS_SOURCE = "sklearn.datasets.load_digits"
+
+# Extensions Pillow reads without extra packages; GIF and APNG give their first frame.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp",
+                    ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi")
+# Extensions readable only where Pillow has the codec or a plugin: (Pillow feature or plugin
+# module, what to install).
+_OPTIONAL_EXTENSIONS = {
+    ".avif": ("avif", "a Pillow built with AVIF: pip install -U pillow"),
+    ".heic": ("pillow_heif", "pillow-heif: pip install pillow-heif"),
+    ".heif": ("pillow_heif", "pillow-heif: pip install pillow-heif"),
+}
 
 
 # --- digits -------------------------------------------------------------------------------------
@@ -66,17 +77,74 @@ def _upscale_gray(values: np.ndarray, size: int) -> Image.Image:
 def find_images(root: str | os.PathLike) -> list[str]:
     """Relative POSIX paths of the image files under `root`, recursively, sorted.
 
-    Files are recognised by extension (case-insensitive); whether they really are images is
-    found out when they are decoded. Hidden directories (``.git``, staging) are not entered.
+    Files are recognised by extension (case-insensitive, `image_extensions`); whether they really
+    are images is found out when they are decoded. Hidden directories are not entered.
+    """
+    return scan_tree(root)[0]
+
+
+def scan_tree(root: str | os.PathLike) -> tuple[list[str], list[dict]]:
+    """(image files, files passed over with the reason) under `root`, both sorted by path.
+
+    Every file is accounted for: one with an extension no reader here handles, hidden files
+    and each hidden directory (``.git``, a staging directory), not entered, appear in the
+    second list as ``{"path": relative path, "reason": short text}``.
     """
     root = Path(root)
-    found = []
+    readable = image_extensions()
+    found: list[str] = []
+    passed_over: list[dict] = []
     for directory, subdirs, files in os.walk(root):
+        for name in sorted(d for d in subdirs if d.startswith(".")):
+            relative = (Path(directory) / name).relative_to(root).as_posix()
+            passed_over.append({"path": relative + "/", "reason": "hidden directory, not read"})
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for name in files:
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append((Path(directory) / name).relative_to(root).as_posix())
-    return sorted(found)
+            relative = (Path(directory) / name).relative_to(root).as_posix()
+            extension = os.path.splitext(name)[1].lower()
+            if name.startswith("."):
+                passed_over.append({"path": relative, "reason": "hidden file, not read"})
+            elif extension in readable:
+                found.append(relative)
+            else:
+                passed_over.append({"path": relative, "reason": unsupported_reason(extension)})
+    return sorted(found), sorted(passed_over, key=lambda item: item["path"])
+
+
+@functools.lru_cache(maxsize=None)
+def image_extensions() -> frozenset[str]:
+    """The file extensions this installation reads (registering pillow-heif when installed)."""
+    from PIL import features
+
+    readable = set(IMAGE_EXTENSIONS)
+    for extension, (needs, _) in _OPTIONAL_EXTENSIONS.items():
+        if needs == "pillow_heif":
+            if register_heif():
+                readable.add(extension)
+        elif features.check(needs):
+            readable.add(extension)
+    return frozenset(readable)
+
+
+def register_heif() -> bool:
+    """Let Pillow open HEIC/HEIF files when pillow-heif is installed; whether it is."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+NOT_READ = ("unsupported extension", "no file extension", "hidden ")  # reasons given by name alone
+
+
+def unsupported_reason(extension: str) -> str:
+    if not extension:
+        return "no file extension"
+    if extension in _OPTIONAL_EXTENSIONS:
+        return f"unsupported extension {extension} (needs {_OPTIONAL_EXTENSIONS[extension][1]})"
+    return f"unsupported extension {extension}"
 
 
 def assign_split(relative_path: str, holdout: float, seed: int) -> str:
@@ -102,6 +170,7 @@ def decode_file(root: str, relative_path: str, size: int, mode: str, encoding: s
                 quality: int) -> tuple[str, bytes | None, str | None]:
     """(relative_path, encoded bytes, None) for a good image, (relative_path, None, reason) else."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never padded with grey
+    image_extensions()  # registers the HEIF plugin in this worker process, where installed
     try:
         with warnings.catch_warnings():
             # over MAX_IMAGE_PIXELS warns, over twice that PIL raises DecompressionBombError
@@ -133,7 +202,8 @@ def _first_line(exc: BaseException) -> str:
 def to_8bit(image: Image.Image, mode: str) -> Image.Image:
     """Any PIL mode as 8-bit "RGB" or "L".
 
-    Transparency (alpha, or a palette's transparent index) is composited on white; 16-bit modes
+    Transparency (alpha, a palette's transparent index, an L or RGB transparent colour) is
+    composited on white; 16-bit modes
     and 32-bit "I" are read as 16-bit (divided by 257); "F" is taken as 0..1 when it lies there,
     as 0..255 when it lies there, else stretched from its min to its max; CMYK and YCbCr go
     through PIL's conversion to RGB.
@@ -141,6 +211,8 @@ def to_8bit(image: Image.Image, mode: str) -> Image.Image:
     if image.mode in ("P", "PA"):
         has_alpha = image.mode == "PA" or "transparency" in image.info
         image = image.convert("RGBA" if has_alpha else "RGB")
+    elif image.mode in ("L", "RGB") and "transparency" in image.info:
+        image = image.convert("RGBA")  # a GIF's or PNG's transparent colour
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(image).astype(np.float64)
         image = _gray_from_float(np.clip(values, 0, 65535) / 257.0)

@@ -105,12 +105,35 @@ def make_tree(root: Path) -> dict[str, str]:
     full = jpeg_bytes(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
     (root / "bad" / "truncated.jpg").write_bytes(full[: len(full) // 2])
     (root / "bad" / "bomb.png").write_bytes(png_header_only(30000, 30000))
-    (root / "notes.txt").write_text("not an image, not counted")
+    (root / "notes.txt").write_text("not an image: listed as passed over")
+    (root / "b" / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (root / "b" / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    make_gifs(root / "gif")
     return {
+        "gif/transparent.gif": "ok", "gif/animated.gif": "ok", "gif/gray.gif": "ok",
         "a/rgb.jpg": "ok", "a/rgba.png": "ok", "b/palette.png": "ok", "b/gray16.png": "ok",
         "b/deep/cmyk.jpg": "ok", "b/deep/rotated.jpg": "ok", "tiny.png": "ok", "UPPER.JPEG": "ok",
         "bad/not-an-image.jpg": "bad", "bad/truncated.jpg": "bad", "bad/bomb.png": "bad",
     }
+
+
+NOT_IMAGES = {"notes.txt": "unsupported extension .txt", "b/drawing.svg": "unsupported extension .svg"}
+if ".heic" not in sources.image_extensions():  # pillow-heif not installed
+    NOT_IMAGES["b/phone.heic"] = "unsupported extension .heic (needs pillow-heif"
+else:
+    NOT_IMAGES["b/phone.heic"] = "not a recognised image"
+
+
+def make_gifs(directory: Path) -> None:
+    """A palette GIF with a transparent index, a two-frame GIF, a grayscale GIF."""
+    directory.mkdir()
+    transparent = Image.new("P", (20, 20), 0)
+    transparent.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)
+    transparent.paste(1, (0, 0, 20, 10))  # top half red, bottom half index 0: transparent
+    transparent.save(directory / "transparent.gif", transparency=0)
+    frames = [Image.new("RGB", (20, 20), (0, 255, 0)), Image.new("RGB", (20, 20), (255, 0, 255))]
+    frames[0].save(directory / "animated.gif", save_all=True, append_images=frames[1:])
+    Image.new("L", (20, 20), 77).save(directory / "gray.gif")
 
 
 @pytest.fixture(scope="module")
@@ -237,14 +260,19 @@ def test_images_converts_every_mode_and_skips_bad_files(tree, tmp_path, capsys):
     manifest = read_manifest(out / "train")
     good = sorted(p for p, k in kinds.items() if k == "ok")
     bad = sorted(p for p, k in kinds.items() if k == "bad")
-    assert manifest.num_samples == len(good) and len(manifest.shards) == 3
-    assert sorted(item["path"] for item in manifest.skipped) == bad
+    assert manifest.num_samples == len(good) and len(manifest.shards) == -(-len(good) // 3)
+    assert sorted(item["path"] for item in manifest.skipped) == sorted(bad + list(NOT_IMAGES))
     reasons = {item["path"]: item["reason"] for item in manifest.skipped}
     assert "not a recognised image" in reasons["bad/not-an-image.jpg"]
     assert "truncated" in reasons["bad/truncated.jpg"]
     assert "decompression bomb" in reasons["bad/bomb.png"]
+    for path, reason in NOT_IMAGES.items():
+        assert reasons[path].startswith(reason)
     printed = capsys.readouterr().out
-    assert f"skipped 3 unreadable files (see {out / 'train' / 'manifest.json'})" in printed
+    assert (f"skipped 6 files: 3 unreadable, 3 not images by name (extension or hidden) "
+            f"(listed in {out / 'train' / 'manifest.json'})") in printed
+    for path in bad + list(NOT_IMAGES):  # every one named, with its reason
+        assert f"\n  {path}: {reasons[path]}\n" in printed
 
     samples = read_samples(out / "train")
     assert sorted(sources_of(out / "train")) == good
@@ -266,6 +294,10 @@ def test_images_converts_every_mode_and_skips_bad_files(tree, tmp_path, capsys):
     assert rotated[SIZE // 2, 1, 2] > 200 and rotated[SIZE // 2, -2, 0] > 200
     tiny = images["tiny.png"]
     assert abs(tiny - [0, 255, 0]).max() <= 2  # 10x7 upscaled to SIZE x SIZE
+    gif = images["gif/transparent.gif"]  # top half red, transparent bottom half on white
+    assert abs(gif[1] - [255, 0, 0]).max() <= 2 and (gif[-2:] >= 253).all()
+    assert abs(images["gif/animated.gif"] - [0, 255, 0]).max() <= 2  # the first frame
+    assert abs(images["gif/gray.gif"] - 77).max() <= 1 and images["gif/gray.gif"].shape[-1] == 3
 
 
 def test_images_mode_l_and_jpg(tree, tmp_path):
@@ -299,7 +331,8 @@ def test_holdout_is_stable_when_a_file_is_added(tree, tmp_path):
     # skipped files are listed in the split they were assigned to
     skipped = [item["path"] for split in ("train", "test")
                for item in read_manifest(first / split).skipped]
-    assert sorted(skipped) == ["bad/bomb.png", "bad/not-an-image.jpg", "bad/truncated.jpg"]
+    assert sorted(skipped) == sorted(["bad/bomb.png", "bad/not-an-image.jpg", "bad/truncated.jpg",
+                                      *NOT_IMAGES])
 
 
 def test_parallel_workers_give_the_same_bytes(tree, tmp_path):
@@ -409,7 +442,8 @@ def test_cli_subprocess_images_verify_and_errors(tree, tmp_path):
                                        timeout=120)
     done = run("images", str(src), str(out), "--size", "8", "--workers", "2", "--holdout", "0.3")
     assert done.returncode == 0, done.stderr
-    assert "skipped 3 unreadable files" in done.stdout
+    assert "skipped 6 files: 3 unreadable, 3 not images by name" in done.stdout
+    assert "\n  notes.txt: unsupported extension .txt\n" in done.stdout
     done = run("verify", str(out))
     assert done.returncode == 0 and "verify: ok" in done.stdout, done.stdout + done.stderr
     done = run("images", str(tmp_path / "missing"), str(out))

@@ -19,8 +19,10 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from data_prep.writer import Sample, encode_image
+from pipeline.decode import reduce_on_decode, resize_crop, to_8bit
 
 DIGITS_SOURCE = "sklearn.datasets.load_digits"
+PREP_RESAMPLE = Image.Resampling.LANCZOS  # shards are written once: the sharpest filter
 
 # Extensions Pillow reads without extra packages; GIF and APNG give their first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp",
@@ -176,11 +178,11 @@ def decode_file(root: str, relative_path: str, size: int, mode: str, encoding: s
             # over MAX_IMAGE_PIXELS warns, over twice that PIL raises DecompressionBombError
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(os.path.join(root, relative_path)) as image:
-                if image.format == "JPEG":
-                    image.draft(None, (size, size))  # decode at reduced scale, still >= size
+                reduce_on_decode(image, size, mode)  # JPEG: decode at 1/2..1/8, still >= size
                 image.load()
                 converted = to_8bit(ImageOps.exif_transpose(image), mode)
-        encoded = encode_image(resize_center_crop(converted, size), encoding, quality)
+        square = resize_crop(converted, size, 0.5, PREP_RESAMPLE, reducing_gap=None)
+        encoded = encode_image(square, encoding, quality)
         return relative_path, encoded, None
     except UnidentifiedImageError:
         return relative_path, None, "not a recognised image file"
@@ -197,57 +199,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
     return line if len(line) <= 160 else line[:157] + "..."
-
-
-def to_8bit(image: Image.Image, mode: str) -> Image.Image:
-    """Any PIL mode as 8-bit "RGB" or "L".
-
-    Transparency (alpha, a palette's transparent index, an L or RGB transparent colour) is
-    composited on white; 16-bit modes
-    and 32-bit "I" are read as 16-bit (divided by 257); "F" is taken as 0..1 when it lies there,
-    as 0..255 when it lies there, else stretched from its min to its max; CMYK and YCbCr go
-    through PIL's conversion to RGB.
-    """
-    if image.mode in ("P", "PA"):
-        has_alpha = image.mode == "PA" or "transparency" in image.info
-        image = image.convert("RGBA" if has_alpha else "RGB")
-    elif image.mode in ("L", "RGB") and "transparency" in image.info:
-        image = image.convert("RGBA")  # a GIF's or PNG's transparent colour
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        values = np.asarray(image).astype(np.float64)
-        image = _gray_from_float(np.clip(values, 0, 65535) / 257.0)
-    elif image.mode == "F":
-        values = np.asarray(image).astype(np.float64)
-        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = float(values.min()), float(values.max())
-        if low >= 0 and high <= 1:
-            values = values * 255.0
-        elif not (low >= 0 and high <= 255):
-            values = (values - low) * (255.0 / (high - low)) if high > low else values * 0
-        image = _gray_from_float(values)
-    elif image.mode == "1":
-        image = image.convert("L")
-    if image.mode in ("LA", "La", "RGBA", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")  # CMYK, YCbCr, ...
-    return image if image.mode == mode else image.convert(mode)
-
-
-def _gray_from_float(values: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Scale the shorter side to `size` with Lanczos, then crop the centre `size`x`size`."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_width = max(size, int(round(width * scale)))
-    new_height = max(size, int(round(height * scale)))
-    if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.Resampling.LANCZOS)
-    left = (new_width - size) // 2
-    top = (new_height - size) // 2
-    return image.crop((left, top, left + size, top + size))

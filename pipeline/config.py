@@ -34,14 +34,18 @@ class DataConfig(StrictModel):
     """Where the images come from and how they are batched."""
 
     shards: str | list[str]
-    """Training shards: a prepared split directory (with manifest.json), a brace pattern
-    (``data/shard-{000000..000127}.tar``), a list of paths, or ``pipe:`` URLs."""
+    """Training shards: a prepared split directory (with manifest.json), any directory of
+    ``.tar`` shards (img2dataset's output, for one), a brace pattern
+    (``data/shard-{000000..000127}.tar``) or glob, a list of these, ``pipe:`` commands, or
+    ``http(s)://``, ``s3://``, ``gs://`` URLs of the same forms (object stores through fsspec and
+    its backend: s3fs, gcsfs). Remote shards are downloaded a shard ahead and retried on failure."""
     eval_shards: str | list[str] | None = None
     """Held-out shards for bits/dim evaluation, in the same forms; None disables evaluation."""
     image_size: int = Field(gt=0)
-    """Height and width of every image, in pixels (checked against the shards)."""
+    """Height and width of the images trained on, in pixels. Images stored at another size or
+    shape are resized at load time (shorter side to image_size, then a square crop: ``crop``)."""
     channels: Literal[1, 3]
-    """1 for grayscale, 3 for RGB (checked against the shards)."""
+    """1 for grayscale, 3 for RGB; images stored otherwise are converted at load time."""
     batch_size: int = Field(gt=0)
     """Images per process per micro-batch. Global batch = batch_size × processes × grad_accum."""
     num_workers: int = Field(default=2, ge=0)
@@ -50,6 +54,14 @@ class DataConfig(StrictModel):
     """Samples held in each reader's shuffle buffer (1 disables sample shuffling)."""
     random_flip: bool = False
     """Flip each training image horizontally with probability 1/2 (deterministic per sample)."""
+    crop: Literal["center", "random"] = "center"
+    """Where the square is cut from an image that is not square once its shorter side is
+    image_size: the centre, or a place drawn per sample and epoch from the sample's identity
+    (so resume and process count never change it). Held-out images are always centre-cropped."""
+    shard_prefetch: int = Field(default=1, ge=1)
+    """Remote shards (s3://, http(s)://, ...) each reader downloads ahead of the one it reads."""
+    shard_attempts: int = Field(default=5, ge=1)
+    """Downloads of a remote shard before its failure stops the run (backoff 1 s, doubling)."""
     prefetch_factor: int = Field(default=4, ge=1)
     """Batches each worker prepares ahead."""
 

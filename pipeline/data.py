@@ -25,208 +25,46 @@ the furthest one any reader had reached, with a warning.
 
 from __future__ import annotations
 
-import io
+import hashlib
+import json
 import logging
 import os
 import random
-import tarfile
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.decode import decode_square
 from pipeline.errors import UserError
-from pipeline.manifest import Manifest, find_manifest, read_manifest
+# Shard lists and shard reading live in their own modules; their names stay importable from here.
+from pipeline.shard_io import FetchPolicy, iter_raw_samples, opened_shards
+from pipeline.shards import ShardSet, check_shards_match, resolve_shards
+
+__all__ = [
+    "Batch", "FetchPolicy", "ShardSet", "TrainingBatches", "check_shards_match", "decode_image",
+    "eval_batches", "iter_raw_samples", "reader_batches", "resolve_shards", "shards_for_reader",
+]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff", "gif")
+CROPS = ("center", "random")
 
 
 # ---------------------------------------------------------------------------------------------
-# Shard lists
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """Resolved shard URLs, with the manifest when the shards came from a prepared directory."""
-
-    urls: tuple[str, ...]
-    manifest: Manifest | None = None
-    expected_bytes: tuple[int | None, ...] = ()
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    import braceexpand
-
-    return list(braceexpand.braceexpand(pattern))
-
-
-def resolve_shards(spec: str | list[str] | tuple[str, ...], key: str = "data.shards") -> ShardSet:
-    """The shards named by a config value, checked to exist (pipe: URLs excepted).
-
-    Accepted forms: a directory prepared by ``data-prep`` (its manifest.json lists the shards),
-    a brace pattern, a single tar path, a list of any of these, or ``pipe:`` commands.
-    """
-    items = [spec] if isinstance(spec, str) else list(spec)
-    if not items:
-        raise UserError(f"{key}: the shard list is empty")
-    urls: list[str] = []
-    expected: list[int | None] = []
-    manifest: Manifest | None = None
-    for item in items:
-        if item.startswith("pipe:"):
-            urls.append(item)
-            expected.append(None)
-            continue
-        path = Path(item).expanduser()
-        if path.is_dir():
-            manifest_path = find_manifest(path)
-            if manifest_path is None:
-                raise UserError(
-                    f"{key}: {path} has no manifest.json; prepare it with `data-prep` "
-                    "or list its .tar shards explicitly"
-                )
-            manifest = read_manifest(manifest_path)
-            for shard, shard_path in zip(manifest.shards, manifest.shard_paths(manifest_path.parent)):
-                urls.append(str(shard_path))
-                expected.append(shard.num_bytes)
-            continue
-        expanded = _expand_braces(str(path)) if "{" in item else [str(path)]
-        urls.extend(expanded)
-        expected.extend([None] * len(expanded))
-    for url, size in zip(urls, expected):
-        if url.startswith("pipe:"):
-            continue
-        if not os.path.isfile(url):
-            raise UserError(f"{key}: shard {url} does not exist")
-        if size is not None and os.path.getsize(url) != size:
-            raise UserError(
-                f"{key}: shard {url} is {os.path.getsize(url)} bytes but its manifest says {size}; "
-                "it was truncated or changed (check with `data-prep verify`)"
-            )
-    if not urls:
-        raise UserError(f"{key}: no shards found in {spec!r}")
-    return ShardSet(tuple(urls), manifest, tuple(expected))
-
-
-def check_shards_match(shards: ShardSet, image_size: int, channels: int, key: str) -> None:
-    """Fail early when a prepared directory's images differ from what the config declares."""
-    manifest = shards.manifest
-    if manifest is None:
-        return
-    if manifest.image_size != image_size or manifest.channels != channels:
-        raise UserError(
-            f"{key}: the shards hold {manifest.channels}-channel {manifest.image_size}×"
-            f"{manifest.image_size} images but the config says data.channels={channels}, "
-            f"data.image_size={image_size}"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading one shard
-
-
-def _open(url: str):
-    if url.startswith("pipe:"):
-        import webdataset
-
-        return webdataset.gopen(url, "rb")
-    return open(url, "rb", buffering=1 << 20)
-
-
-class _CountingReader:
-    """Passes reads through, counting bytes and keeping the last few KiB for the end check."""
-
-    TAIL = 1 << 15
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.total = 0
-        self.tail = b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.total += len(data)
-        self.tail = (self.tail + data)[-self.TAIL :]
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def close(self) -> None:
-        self.stream.close()
-
-
-def _check_archive_end(reader: _CountingReader, end_of_members: int) -> None:
-    """A complete tar ends, right after its last member, in zero blocks (at least two).
-
-    Python's tarfile in stream mode takes a header cut short, or a garbled one, after the first
-    member for the end of the archive; without this check a damaged shard would lose its
-    remaining samples silently.
-    """
-    reader.drain()
-    trailer = reader.total - end_of_members
-    if trailer < 1024 or trailer > len(reader.tail) or reader.total % 512:
-        raise tarfile.ReadError(
-            f"archive ends abnormally after byte {end_of_members} of {reader.total}"
-        )
-    if reader.tail[len(reader.tail) - trailer :].count(0) != trailer:
-        raise tarfile.ReadError(f"unreadable data after byte {end_of_members}")
-
-
-def iter_raw_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar shard, in file order.
-
-    Members are grouped by the part of their name before the first dot of the basename, the
-    WebDataset convention. A damaged tar is a UserError naming the shard.
-    """
-    stream = _CountingReader(_open(url))
-    current_key: str | None = None
-    current: dict[str, bytes] = {}
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                directory, _, base = member.name.rpartition("/")
-                stem, dot, extension = base.partition(".")
-                if not dot:
-                    continue
-                key = f"{directory}/{stem}" if directory else stem
-                handle = tar.extractfile(member)
-                data = handle.read() if handle is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} is truncated")
-                if key != current_key:
-                    if current_key is not None:
-                        yield current_key, current
-                    current_key, current = key, {}
-                current[extension.lower()] = data
-            end_of_members = tar.offset
-        _check_archive_end(stream, end_of_members)
-        if current_key is not None:
-            yield current_key, current
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise UserError(
-            f"shard {url} is damaged or unreadable ({exc}); check it with `data-prep verify`"
-        ) from None
-    finally:
-        try:
-            stream.close()
-        except Exception as exc:  # a failing pipe: command reports its status on close
-            raise UserError(f"shard {url}: {exc}") from None
+# One sample
 
 
 def decode_image(
-    sample: dict[str, bytes], key: str, url: str, image_size: int, channels: int
+    sample: dict[str, bytes], key: str, url: str, image_size: int, channels: int,
+    offset: float = 0.5,
 ) -> np.ndarray:
-    """uint8 [C, H, W] array of a sample's image; a UserError names the shard and key otherwise."""
+    """uint8 [C, H, W] array of a sample's image, a square of `image_size` (resized and cropped
+    at `offset` along the longer side when stored at another size); a UserError names the shard
+    and key of an image that does not decode."""
     for extension in IMAGE_EXTENSIONS:
         if extension in sample:
             data = sample[extension]
@@ -234,24 +72,43 @@ def decode_image(
     else:
         raise UserError(f"shard {url}: sample {key} has no image (members: {sorted(sample)})")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            mode = "L" if channels == 1 else "RGB"
-            if image.mode != mode:
-                image = image.convert(mode)
-            array = np.asarray(image, dtype=np.uint8)
+        array = decode_square(data, image_size, channels, offset)
     except Exception as exc:
         raise UserError(f"shard {url}: sample {key} is not a decodable image ({exc})") from None
-    if array.shape[0] != image_size or array.shape[1] != image_size:
-        raise UserError(
-            f"shard {url}: sample {key} is {array.shape[1]}×{array.shape[0]}, "
-            f"expected {image_size}×{image_size} (data.image_size)"
-        )
     if array.ndim == 2:
         array = array[None]
     else:
         array = array.transpose(2, 0, 1)
     return np.ascontiguousarray(array)
+
+
+def sample_label(sample: dict[str, bytes], key: str, url: str) -> int:
+    """The integer class label of a sample's ``.cls`` member; a UserError if it has none."""
+    if "cls" not in sample:
+        raise UserError(
+            f"shard {url}: sample {key} has no .cls label, and labels were asked for "
+            f"(members: {', '.join(sorted(sample))}); train an unconditional model on these shards"
+        )
+    try:
+        return int(sample["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"shard {url}: sample {key} has a .cls label that is not an integer "
+                        f"({sample['cls'][:20]!r})") from None
+
+
+def sample_field(sample: dict[str, bytes], field: str, key: str, url: str):
+    """A per-sample field: ``txt`` as text, ``json`` parsed, others as bytes; None if absent."""
+    data = sample.get(field)
+    if data is None:
+        return None
+    try:
+        if field == "txt":
+            return data.decode("utf-8")
+        if field == "json":
+            return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"shard {url}: sample {key} has an unreadable .{field} ({exc})") from None
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +144,15 @@ class ReaderSpec:
     batch_size: int
     shuffle_buffer: int
     random_flip: bool
+    crop: str = "center"  # "center" or "random": where the square is cut from a non-square image
+    labels: bool = False  # deliver each sample's .cls label (an error where one is missing)
+    fields: tuple[str, ...] = ()  # other members to deliver per sample ("txt", "json", ...)
+    fetch: FetchPolicy = FetchPolicy()
+
+    @property
+    def rich(self) -> bool:
+        """Whether batches carry more than images."""
+        return self.labels or bool(self.fields)
 
 
 class ReaderStream:
@@ -303,8 +169,8 @@ class ReaderStream:
         shards = shards_for_reader(spec.urls, spec.seed, epoch, self.reader, spec.num_readers)
         rng = random.Random(_mix(spec.seed, epoch, self.reader, 0xB0F))
         buffer: list[tuple[str, str, dict[str, bytes]]] = []
-        for url in shards:
-            for key, sample in iter_raw_samples(url):
+        for url, downloaded in opened_shards(shards, spec.fetch):
+            for key, sample in iter_raw_samples(url, downloaded):
                 item = (key, url, sample)
                 if len(buffer) < spec.shuffle_buffer:
                     buffer.append(item)
@@ -329,22 +195,74 @@ class ReaderStream:
             epoch, skip = epoch + 1, 0
 
 
-def _flip(spec: ReaderSpec, epoch: int, reader: int, index: int) -> bool:
-    return spec.random_flip and _mix(spec.seed, epoch, reader, index, 0xF11F) & 1 == 1
+def sample_seed(seed: int, epoch: int, url: str, key: str) -> int:
+    """The seed of one sample's randomness (flip, crop) in one epoch.
+
+    A function of the sample's identity (its shard's file name and its key, so the same wherever
+    the shards are stored) and of the epoch, never of which reader or worker reads it: a run
+    resumed, or run on another number of processes, crops and flips each sample as the
+    uninterrupted run does.
+    """
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    digest = hashlib.blake2b(f"{name}\0{key}".encode("utf-8", "surrogateescape"), digest_size=8)
+    return _mix(seed, epoch, int.from_bytes(digest.digest(), "little"))
+
+
+def augment(spec: ReaderSpec, epoch: int, url: str, key: str) -> tuple[float, bool]:
+    """(crop offset along the longer side, horizontal flip) of a sample in an epoch."""
+    if spec.crop == "center" and not spec.random_flip:
+        return 0.5, False
+    state = sample_seed(spec.seed, epoch, url, key)
+    offset = (_mix(state, 0xC0) >> 11) / float(1 << 53) if spec.crop == "random" else 0.5
+    return offset, spec.random_flip and _mix(state, 0xF11F) & 1 == 1
 
 
 def reader_batches(spec: ReaderSpec, reader: int, start_epoch: int, skip: int):
-    """Decoded uint8 batches with the reader's position after each batch."""
+    """Decoded uint8 batches with the reader's position after each batch.
+
+    Each batch is a dict: ``images`` uint8 [B, C, H, W], the position (``reader``, ``epoch``,
+    ``delivered``) and, when the spec asks for them, ``labels`` (int64 [B]), ``keys`` and one
+    list per asked field.
+    """
     images: list[np.ndarray] = []
+    labels: list[int] = []
+    keys: list[str] = []
+    fields: dict[str, list] = {name: [] for name in spec.fields}
     for epoch, delivered, key, url, sample in ReaderStream(spec, reader, start_epoch, skip):
-        image = decode_image(sample, key, url, spec.image_size, spec.channels)
-        if _flip(spec, epoch, reader, delivered):
-            image = image[:, :, ::-1]
-        images.append(image)
+        offset, flip = augment(spec, epoch, url, key)
+        image = decode_image(sample, key, url, spec.image_size, spec.channels, offset)
+        images.append(image[:, :, ::-1] if flip else image)
+        if spec.rich:
+            keys.append(key)
+            if spec.labels:
+                labels.append(sample_label(sample, key, url))
+            for name in spec.fields:
+                fields[name].append(sample_field(sample, name, key, url))
         if len(images) == spec.batch_size:
-            batch = torch.from_numpy(np.stack(images))
+            batch = {"images": torch.from_numpy(np.stack(images)), "reader": reader,
+                     "epoch": epoch, "delivered": delivered}
+            if spec.rich:
+                batch["keys"], batch["fields"] = keys, fields
+                if spec.labels:
+                    batch["labels"] = torch.tensor(labels, dtype=torch.int64)
+                labels, keys, fields = [], [], {name: [] for name in spec.fields}
             images = []
-            yield {"images": batch, "reader": reader, "epoch": epoch, "delivered": delivered}
+            yield batch
+
+
+@dataclass
+class Batch:
+    """One batch with what travels beside its images.
+
+    ``images`` stays the uint8 [B, C, H, W] tensor every model takes; ``labels`` (int64 [B]) is
+    there when labels were asked for; ``fields`` holds one list of B values per asked member
+    (``txt``: str, ``json``: parsed object, others: bytes; None where a sample lacks it).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+    fields: dict[str, list] = field(default_factory=dict)
 
 
 class TrainingShards(IterableDataset):
@@ -374,7 +292,11 @@ class TrainingShards(IterableDataset):
 
 
 class TrainingBatches:
-    """Iterator of uint8 batches for one process, with a state_dict of its exact position."""
+    """Iterator of uint8 batches for one process, with a state_dict of its exact position.
+
+    ``next()`` gives the images tensor; `next_batch` gives a `Batch` with the labels (when built
+    with ``labels=True``) and the asked ``fields`` beside it. Both advance the same stream.
+    """
 
     def __init__(
         self,
@@ -392,7 +314,13 @@ class TrainingBatches:
         prefetch_factor: int = 4,
         pin_memory: bool = False,
         state: dict | None = None,
+        crop: str = "center",
+        labels: bool = False,
+        fields: tuple[str, ...] | list[str] = (),
+        fetch: FetchPolicy | None = None,
     ):
+        if crop not in CROPS:
+            raise UserError(f"data.crop: {crop!r} is not one of {', '.join(CROPS)}")
         self.readers_per_process = max(num_workers, 1)
         num_readers = world_size * self.readers_per_process
         if len(shards.urls) < num_readers:
@@ -413,6 +341,10 @@ class TrainingBatches:
             batch_size=batch_size,
             shuffle_buffer=shuffle_buffer,
             random_flip=random_flip,
+            crop=crop,
+            labels=labels,
+            fields=tuple(name.lower().lstrip(".") for name in fields),
+            fetch=fetch or FetchPolicy(),
         )
         self.positions: dict[int, tuple[int, int]] = {}
         self.next_local = 0
@@ -435,6 +367,41 @@ class TrainingBatches:
         )
         self._iterator = None
         self._pending: dict | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        shards: ShardSet,
+        data,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        pin_memory: bool = False,
+        state: dict | None = None,
+        labels: bool = False,
+        fields: tuple[str, ...] = (),
+    ) -> "TrainingBatches":
+        """The batches a `pipeline.config.DataConfig` describes (every data.* field read here)."""
+        return cls(
+            shards,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=data.num_workers,
+            batch_size=data.batch_size,
+            image_size=data.image_size,
+            channels=data.channels,
+            shuffle_buffer=data.shuffle_buffer,
+            random_flip=data.random_flip,
+            prefetch_factor=data.prefetch_factor,
+            pin_memory=pin_memory,
+            state=state,
+            crop=data.crop,
+            labels=labels,
+            fields=fields,
+            fetch=FetchPolicy(prefetch=data.shard_prefetch, attempts=data.shard_attempts),
+        )
 
     def _restore(self, state: dict) -> None:
         if state.get("num_readers") != self.num_readers or state.get("urls_count") != len(self.spec.urls):
@@ -470,9 +437,13 @@ class TrainingBatches:
 
     def peek(self) -> torch.Tensor:
         """The next batch, without consuming it (the next ``next()`` returns it again)."""
+        return self.peek_batch().images
+
+    def peek_batch(self) -> Batch:
+        """`peek`, as a `Batch`."""
         if self._pending is None:
             self._pending = self._fetch()
-        return self._pending["images"]
+        return _as_batch(self._pending)
 
     def _fetch(self) -> dict:
         if self._iterator is None:
@@ -480,6 +451,10 @@ class TrainingBatches:
         return next(self._iterator)
 
     def __next__(self) -> torch.Tensor:
+        return self.next_batch().images
+
+    def next_batch(self) -> Batch:
+        """The next batch with its labels and fields; advances the stream as ``next()`` does."""
         if self._pending is not None:
             batch, self._pending = self._pending, None
         else:
@@ -487,11 +462,16 @@ class TrainingBatches:
         reader = int(batch["reader"])
         self.positions[reader] = (int(batch["epoch"]), int(batch["delivered"]))
         self.next_local = (reader - self.rank * self.readers_per_process + 1) % self.readers_per_process
-        return batch["images"]
+        return _as_batch(batch)
 
     def close(self) -> None:
         # Shut the workers down now rather than at garbage collection.
         self._iterator = None
+
+
+def _as_batch(batch: dict) -> Batch:
+    return Batch(images=batch["images"], labels=batch.get("labels"), keys=batch.get("keys", []),
+                 fields=batch.get("fields", {}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,12 +481,15 @@ class TrainingBatches:
 class EvalShards(IterableDataset):
     """One pass over this process's share of the held-out shards, in order, unshuffled."""
 
-    def __init__(self, urls: list[str], image_size: int, channels: int, batch_size: int, limit: int | None):
+    def __init__(self, urls: list[str], image_size: int, channels: int, batch_size: int,
+                 limit: int | None, labels: bool = False, fetch: FetchPolicy | None = None):
         self.urls = urls
         self.image_size = image_size
         self.channels = channels
         self.batch_size = batch_size
         self.limit = limit
+        self.labels = labels
+        self.fetch = fetch or FetchPolicy()
 
     def __iter__(self):
         info = get_worker_info()
@@ -514,18 +497,35 @@ class EvalShards(IterableDataset):
         urls = self.urls[worker::workers]
         limit = None if self.limit is None else self.limit // workers + (worker < self.limit % workers)
         images: list[np.ndarray] = []
+        labels: list[int] = []
         count = 0
-        for url in urls:
-            for key, sample in iter_raw_samples(url):
+        if limit == 0:
+            return
+        shards = opened_shards(urls, self.fetch)
+        try:
+            for url, downloaded in shards:
+                for key, sample in iter_raw_samples(url, downloaded):
+                    images.append(decode_image(sample, key, url, self.image_size, self.channels))
+                    if self.labels:
+                        labels.append(sample_label(sample, key, url))
+                    count += 1
+                    if len(images) == self.batch_size:
+                        yield self._batch(images, labels)
+                        images, labels = [], []
+                    if limit is not None and count >= limit:
+                        break
                 if limit is not None and count >= limit:
                     break
-                images.append(decode_image(sample, key, url, self.image_size, self.channels))
-                count += 1
-                if len(images) == self.batch_size:
-                    yield torch.from_numpy(np.stack(images))
-                    images = []
+        finally:
+            shards.close()
         if images:
-            yield torch.from_numpy(np.stack(images))
+            yield self._batch(images, labels)
+
+    def _batch(self, images: list[np.ndarray], labels: list[int]):
+        tensor = torch.from_numpy(np.stack(images))
+        if not self.labels:
+            return tensor
+        return Batch(images=tensor, labels=torch.tensor(labels, dtype=torch.int64))
 
 
 def eval_batches(
@@ -538,15 +538,21 @@ def eval_batches(
     image_size: int,
     channels: int,
     max_images: int | None = None,
+    labels: bool = False,
+    fetch: FetchPolicy | None = None,
 ) -> DataLoader:
-    """A finite loader over this process's share of held-out shards (shards split by rank)."""
+    """A finite loader over this process's share of held-out shards (shards split by rank).
+
+    It yields uint8 [B, C, H, W] tensors (images centre-cropped to `image_size` where stored at
+    another size), or `Batch` objects with their labels when ``labels`` is true.
+    """
     urls = list(shards.urls[rank::world_size])
     limit = None
     if max_images is not None:
         limit = max_images // world_size + (rank < max_images % world_size)
     workers = min(num_workers, len(urls))
     return DataLoader(
-        EvalShards(urls, image_size, channels, batch_size, limit),
+        EvalShards(urls, image_size, channels, batch_size, limit, labels, fetch),
         batch_size=None,
         num_workers=workers,
         multiprocessing_context="fork" if workers and os.name == "posix" else None,

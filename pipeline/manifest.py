@@ -98,13 +98,22 @@ def read_manifest(path_or_dir: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise UserError(f"{path}: no such manifest (run `data-prep` to write the split first)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read manifest: {exc}") from None
+    return parse_manifest(text, path)
+
+
+def parse_manifest(text: str | bytes, where: str | os.PathLike) -> Manifest:
+    """Validate a manifest's JSON text; `where` (its path or URL) names it in errors."""
+    try:
+        data = json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: cannot read manifest: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: "
+        raise UserError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: "
                         f"{exc.msg}") from None
-    return _manifest_from_dict(data, path)
+    return _manifest_from_dict(data, where)
 
 
 # --- validation ---------------------------------------------------------------------------------

@@ -151,14 +151,23 @@ def test_size_mismatch_against_manifest_names_shard(id_dir, tmp_path):
     assert str(shard) in message and "manifest" in message and "\n" not in message
 
 
-def test_directory_without_manifest(id_dir, tmp_path):
+def test_directory_without_manifest_is_read_as_its_tar_files(id_dir, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     for path in shard_files(id_dir):
         shutil.copy(path, bare)
+    (bare / "notes.txt").write_text("not a shard")
+    shards = resolve_shards(str(bare))
+    assert [Path(u).name for u in shards.urls] == [Path(u).name for u in shard_files(id_dir)]
+    assert shards.manifest is None and shards.counts == (PER_SHARD,) * NUM_SHARDS
+    batches = make_batches(shards, batch_size=4)
+    assert sorted(i for batch in take(batches, TOTAL // 4) for i in ids(batch)) == list(range(TOTAL))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(UserError) as info:
-        resolve_shards(str(bare))
-    assert str(bare) in str(info.value) and "manifest" in str(info.value)
+        resolve_shards(str(empty))
+    assert str(empty) in str(info.value) and "manifest" in str(info.value) and ".tar" in str(info.value)
 
 
 def test_empty_list():
@@ -427,16 +436,15 @@ def test_undecodable_image_in_worker_names_shard_and_key(tmp_path):
     assert shards[1] in line and "100000001" in line and "\n" not in line
 
 
-def test_wrong_image_size_names_shard_and_key(tmp_path):
+def test_images_of_another_size_are_resized_to_image_size(tmp_path):
     shard = write_tar(
         tmp_path / "sizes.tar",
-        [("a.png", png(SIZE)), ("b.png", png(SIZE * 2)), ("c.png", png(SIZE))],
+        [("a.png", png(SIZE, 10)), ("b.png", png(SIZE * 2, 20)), ("c.png", png(SIZE // 2, 30))],
     )
     batches = make_batches([str(shard)], batch_size=3, shuffle_buffer=1)
-    with pytest.raises(UserError) as info:
-        next(batches)
-    message = str(info.value)
-    assert str(shard) in message and "sample b" in message and f"{SIZE}×{SIZE}" in message
+    batch = next(batches)
+    assert tuple(batch.shape) == (3, 1, SIZE, SIZE)
+    assert batch[:, 0].flatten(1).float().mean(1).tolist() == [10, 20, 30]
 
 
 def test_sample_without_image_names_shard_and_key(tmp_path):

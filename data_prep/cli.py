@@ -3,6 +3,8 @@
     data-prep digits OUT      sklearn's 8x8 digits, upscaled, with labels (the default data set)
     data-prep images SRC OUT  a directory tree of image files, resized and centre-cropped
                               (files it passes over are counted, listed, and say why)
+    data-prep reshard SRC OUT WebDataset shards of any origin (img2dataset's, ours; a directory,
+                              pattern or URL) re-encoded at one size, keys and metadata kept
     data-prep verify OUT      check shards against their manifests
 
 Output: ``OUT/train/shard-000000.tar ...`` and ``OUT/test/...`` (only with a test fraction or a
@@ -21,9 +23,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from data_prep import sources
-from data_prep.writer import Sample, StagedOutput, write_split
+from data_prep.writer import Sample, ShardWriter, StagedOutput, finish_split, write_split
 from pipeline import cliargs
 from pipeline.errors import UserError
+from pipeline.decode import IMAGE_MEMBERS
 from pipeline.manifest import MANIFEST_NAME
 
 
@@ -94,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--seed", type=int, default=0, help="seed of the holdout and order")
     images.add_argument("--overwrite", action="store_true", help="replace existing splits in OUT")
 
+    reshard = commands.add_parser(
+        "reshard", help="WebDataset shards (img2dataset's, ours, ...) re-encoded at one size")
+    reshard.add_argument("src", metavar="SRC_SHARDS",
+                         help="shards in any form data.shards takes: a directory, a brace pattern "
+                              "or glob, a .tar, s3:// or http(s):// URLs")
+    reshard.add_argument("out", metavar="OUT", help="output directory")
+    reshard.add_argument("--size", type=_int_at_least(1), default=256,
+                         help="image side (default 256)")
+    reshard.add_argument("--holdout", type=_fraction, default=0.0,
+                         help="fraction of samples (by key) held out as the test split (default 0)")
+    reshard.add_argument("--mode", choices=("RGB", "L"), default="RGB")
+    reshard.add_argument("--format", choices=("jpg", "png", "webp"), default="jpg",
+                         help="encoding of the stored images (default jpg)")
+    reshard.add_argument("--quality", type=_quality, default=95,
+                         help="jpg/webp quality (default 95)")
+    reshard.add_argument("--samples-per-shard", type=_int_at_least(1), default=1000)
+    reshard.add_argument("--workers", type=_int_at_least(1), default=None,
+                         help="decoding processes (default: the CPUs available)")
+    reshard.add_argument("--seed", type=int, default=0, help="seed of the holdout")
+    reshard.add_argument("--overwrite", action="store_true", help="replace existing splits in OUT")
+
     verify = commands.add_parser("verify", help="check shards against their manifests")
     verify.add_argument("out", metavar="OUT", help="output directory, or one split directory")
     verify.add_argument("--no-decode", action="store_true",
@@ -108,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_digits(args)
         if args.command == "images":
             return run_images(args)
+        if args.command == "reshard":
+            return run_reshard(args)
         return run_verify(args)
     except UserError as exc:
         print(f"data-prep: error: {exc}", file=sys.stderr)
@@ -229,6 +255,154 @@ def _decoded(order: list[str], decode, pool, workers: int, skipped: list[dict]) 
             skipped.append({"path": path, "reason": reason})
         else:
             yield Sample(image=data, source=path)
+
+
+RESHARD_CHUNK = 32  # samples sent to a worker at once
+
+
+def run_reshard(args: argparse.Namespace) -> int:
+    """Re-encode every sample of SRC_SHARDS at --size, in source order, into OUT's splits.
+
+    Keys, labels (.cls) and every other member (.txt captions, .json metadata, ...) are kept as
+    they are; images already in the asked encoding, size and mode are kept byte for byte. A
+    sample whose image does not decode, a repeated key and a damaged source shard are skipped
+    and listed (in the manifest and the summary).
+    """
+    from pipeline.shard_io import FetchPolicy
+    from pipeline.shards import resolve_shards
+
+    shards = resolve_shards(args.src, "SRC_SHARDS")
+    splits = ["train"] + (["test"] if args.holdout > 0 else [])
+    workers = max(1, args.workers or _default_workers())
+    convert = functools.partial(sources.convert_samples, size=args.size, mode=args.mode,
+                                encoding=args.format, quality=args.quality)
+    output = StagedOutput(args.out, splits, args.overwrite)
+    writers = {split: ShardWriter(output.path(split), args.samples_per_shard, args.format)
+               for split in splits}
+    skipped: dict[str, list[dict]] = {split: [] for split in splits}
+    keys: dict[str, set[str]] = {split: set() for split in splits}
+    labels: dict[str, list[int | None]] = {split: [] for split in splits}
+    pool = None
+    try:
+        if workers > 1:
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+        source_samples = _source_samples(shards.urls, FetchPolicy(), skipped[splits[0]])
+        for where, key, members, encoded, reason in _reencoded(source_samples, convert, pool, workers):
+            split = sources.assign_split(key, args.holdout, args.seed)
+            if encoded is None:
+                skipped[split].append({"path": where, "reason": reason})
+                continue
+            if key in keys[split]:
+                skipped[split].append({"path": where, "reason": f"repeats the key {key} of an "
+                                                              "earlier sample"})
+                continue
+            keys[split].add(key)
+            extra = tuple(sorted((ext, data) for ext, data in members.items()
+                                 if ext not in IMAGE_MEMBERS))
+            labels[split].append(_label(members.get("cls")))
+            writers[split].write(Sample(image=encoded, source=where, key=key, extra=extra))
+        if sum(writer.num_samples for writer in writers.values()) == 0:
+            raise UserError(f"{args.src}: none of its samples could be re-encoded"
+                            + (f" (first: {_first_skipped(skipped)})" if _first_skipped(skipped) else ""))
+        manifests = {
+            split: finish_split(writers[split], split=split, image_size=args.size,
+                                channels=1 if args.mode == "L" else 3, source=str(args.src),
+                                skipped=skipped[split], num_classes=_num_classes(labels[split]),
+                                keys="source")
+            for split in splits
+        }
+        finals = output.commit()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        output.discard()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    for split in splits:
+        _report(manifests[split], finals[split])
+    _report_skipped({split: (manifests[split], finals[split]) for split in splits})
+    return 0
+
+
+def _source_samples(urls, fetch, skipped: list[dict]) -> Iterator[tuple[str, str, dict]]:
+    """(shard name/key, key, members) of every source sample; a damaged shard is listed."""
+    from pipeline.shard_io import iter_raw_samples, opened_shards
+
+    for url, downloaded in opened_shards(list(urls), fetch):
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            for key, members in iter_raw_samples(url, downloaded):
+                yield f"{name}/{key}", key, members
+        except UserError as exc:
+            skipped.append({"path": name, "reason": f"rest of the shard not read: {exc}"})
+
+
+def _reencoded(samples, convert, pool, workers: int):
+    """(where, key, members, encoded image or None, reason) in source order, the decoding spread
+    over `pool` in chunks, at most a few chunks per worker in flight (bounded memory)."""
+    import collections
+
+    def chunks():
+        chunk = []
+        for where, key, members in samples:
+            chunk.append((where, key, members))
+            if len(chunk) == RESHARD_CHUNK:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def images(chunk):
+        found = [(key, next((members[e] for e in IMAGE_MEMBERS if e in members), None))
+                 for _, key, members in chunk]
+        return [(key, data) for key, data in found if data is not None]
+
+    def results(chunk, converted):
+        converted = iter(converted)
+        for where, key, members in chunk:
+            if not any(e in members for e in IMAGE_MEMBERS):
+                yield where, key, members, None, f"no image member (members: {', '.join(sorted(members))})"
+                continue
+            encoded, reason = next(converted)
+            yield where, key, members, encoded, reason
+
+    if pool is None:
+        for chunk in chunks():
+            yield from results(chunk, convert(images(chunk)))
+        return
+    in_flight: collections.deque = collections.deque()
+    for chunk in chunks():
+        in_flight.append((chunk, pool.apply_async(convert, (images(chunk),))))
+        if len(in_flight) >= 3 * workers:
+            done, pending = in_flight.popleft()
+            yield from results(done, pending.get())
+    while in_flight:
+        done, pending = in_flight.popleft()
+        yield from results(done, pending.get())
+
+
+def _label(data: bytes | None) -> int | None:
+    try:
+        return int(data.decode("ascii").strip()) if data is not None else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _num_classes(labels: list[int | None]) -> int:
+    """max label + 1 when every sample has a non-negative integer label, else 0 (unlabelled)."""
+    if not labels or any(label is None or label < 0 for label in labels):
+        return 0
+    return max(labels) + 1
+
+
+def _first_skipped(skipped: dict[str, list[dict]]) -> str:
+    for items in skipped.values():
+        if items:
+            return f"{items[0]['path']}: {items[0]['reason']}"
+    return ""
 
 
 def run_verify(args: argparse.Namespace) -> int:

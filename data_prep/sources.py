@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import random
 import warnings
@@ -171,28 +172,55 @@ def shuffled(paths: list[str], seed: int) -> list[str]:
 def decode_file(root: str, relative_path: str, size: int, mode: str, encoding: str,
                 quality: int) -> tuple[str, bytes | None, str | None]:
     """(relative_path, encoded bytes, None) for a good image, (relative_path, None, reason) else."""
+    encoded, reason = convert(os.path.join(root, relative_path), size, mode, encoding, quality)
+    return relative_path, encoded, reason
+
+
+_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}  # --format: Pillow's name of it
+
+
+def convert(source, size: int, mode: str, encoding: str, quality: int,
+            keep_if_ready: bytes | None = None) -> tuple[bytes | None, str | None]:
+    """(encoded `size`×`size` image, None), or (None, why it was skipped); never raises.
+
+    `source` is a path or a binary file. With `keep_if_ready` (the source's bytes), an image
+    already in the asked encoding, size and mode, upright, is decoded (to prove it is sound)
+    and kept byte for byte: no second lossy encoding.
+    """
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never padded with grey
     image_extensions()  # registers the HEIF plugin in this worker process, where installed
     try:
         with warnings.catch_warnings():
             # over MAX_IMAGE_PIXELS warns, over twice that PIL raises DecompressionBombError
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(os.path.join(root, relative_path)) as image:
+            with Image.open(source) as image:
+                if (keep_if_ready is not None and image.format == _FORMATS[encoding]
+                        and image.size == (size, size) and image.mode == mode
+                        and "transparency" not in image.info
+                        and image.getexif().get(0x0112, 1) == 1):
+                    image.load()
+                    return keep_if_ready, None
                 reduce_on_decode(image, size, mode)  # JPEG: decode at 1/2..1/8, still >= size
                 image.load()
                 converted = to_8bit(ImageOps.exif_transpose(image), mode)
         square = resize_crop(converted, size, 0.5, PREP_RESAMPLE, reducing_gap=None)
-        encoded = encode_image(square, encoding, quality)
-        return relative_path, encoded, None
+        return encode_image(square, encoding, quality), None
     except UnidentifiedImageError:
-        return relative_path, None, "not a recognised image file"
+        return None, "not a recognised image file"
     except Image.DecompressionBombError as exc:
-        return relative_path, None, f"decompression bomb: {_first_line(exc)}"
+        return None, f"decompression bomb: {_first_line(exc)}"
     except Exception as exc:  # PIL raises many types for corrupt files; none may stop the run
         message = _first_line(exc)
         if "truncated" in message.lower() or isinstance(exc, EOFError):
-            return relative_path, None, f"truncated image: {message}"
-        return relative_path, None, f"{type(exc).__name__}: {message}"
+            return None, f"truncated image: {message}"
+        return None, f"{type(exc).__name__}: {message}"
+
+
+def convert_samples(chunk: list[tuple[str, bytes]], size: int, mode: str, encoding: str,
+                    quality: int) -> list[tuple[bytes | None, str | None]]:
+    """`convert` of each (key, image bytes) of a chunk of shard samples (reshard's workers)."""
+    return [convert(io.BytesIO(data), size, mode, encoding, quality, keep_if_ready=data)
+            for _, data in chunk]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,6 +20,8 @@ from pipeline.errors import UserError
 from pipeline.manifest import MANIFEST_NAME, Manifest, find_split_dirs, read_manifest
 
 _MEMBER = re.compile(r"^(\d{9})\.([a-z]+)$")
+# a key kept from source shards (reshard): any name without a dot in its last part
+_SOURCE_MEMBER = re.compile(r"^((?:[^/]+/)*[^./]+)\.([A-Za-z0-9_.-]+)$")
 _MODES = {1: "L", 3: "RGB"}
 
 
@@ -75,17 +77,21 @@ def _check_contents(path: Path, manifest: Manifest, expected: int, first_key: in
     """Problems in the samples of one shard: member names, counts, keys and images."""
     problems: list[str] = []
     samples: list[tuple[str, dict[str, bytes]]] = []
+    pattern = _MEMBER if manifest.keys == "index" else _SOURCE_MEMBER
+    seen: set[str] = set()
     try:
         with tarfile.open(path, mode="r:") as archive:
             for member in archive:
-                match = _MEMBER.match(member.name)
+                match = pattern.match(member.name)
                 if not member.isfile() or match is None:
                     problems.append(f"{path}: unexpected member {member.name!r}")
                     continue
                 key, ext = match.groups()
+                ext = ext.lower()
                 if not samples or samples[-1][0] != key:
-                    if any(key == seen for seen, _ in samples):
+                    if key in seen:
                         problems.append(f"{path}: members of sample {key} are not consecutive")
+                    seen.add(key)
                     samples.append((key, {}))
                 samples[-1][1][ext] = archive.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -94,7 +100,7 @@ def _check_contents(path: Path, manifest: Manifest, expected: int, first_key: in
     if len(samples) != expected:
         problems.append(f"{path}: {len(samples)} samples, manifest says {expected}")
     for index, (key, members) in enumerate(samples):
-        if int(key) != first_key + index:
+        if manifest.keys == "index" and int(key) != first_key + index:
             problems.append(f"{path}: sample key {key}, expected {first_key + index:09d}")
             break  # one out-of-order key shifts all that follow; one line is enough
     for key, members in samples:

@@ -1,8 +1,10 @@
 """Deterministic WebDataset shards and the staging of a whole split.
 
 A shard is a POSIX (ustar) tar whose members are ``<key>.<ext>``: ``key`` is the sample's
-zero-padded index within the split (``%09d``), ``ext`` one of ``png``/``jpg``/``webp`` (image
-bytes), ``cls`` (label as ASCII digits, only when there is one) and ``json`` (``{"source": ...}``).
+zero-padded index within the split (``%09d``), or the key it had in the source shards when
+``data-prep reshard`` keeps them, ``ext`` one of ``png``/``jpg``/``webp`` (image bytes), ``cls``
+(label as ASCII digits, only when there is one), ``json`` (``{"source": ...}``, or the source
+sample's own metadata) and any other member a resharded sample carried (``txt`` captions, ...).
 The members of one sample are consecutive and sorted by name.
 
 Same input, same arguments, same bytes: every tar header carries mtime 0, uid/gid 0, empty
@@ -37,11 +39,13 @@ SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class Sample:
-    """One encoded image on its way into a shard; the writer gives it its key."""
+    """One encoded image on its way into a shard; the writer gives it its key unless it has one."""
 
     image: bytes
-    source: str  # relative path, or "sklearn.digits/<index>"
+    source: str  # relative path, "sklearn.digits/<index>", or "<source shard>/<key>"
     label: int | None = None
+    key: str | None = None  # kept from the source shards (reshard); None: the sample's index
+    extra: tuple[tuple[str, bytes], ...] = ()  # other members written as they are: (ext, bytes)
 
 
 def encode_image(image: Image.Image, encoding: str, quality: int = 95) -> bytes:
@@ -106,11 +110,12 @@ class ShardWriter:
     def write(self, sample: Sample) -> None:
         if self._tar is None:
             self._open()
-        key = KEY_FORMAT.format(self.num_samples)
-        members = {f"{key}.{self.encoding}": sample.image,
-                   f"{key}.json": json.dumps({"source": sample.source}).encode("ascii")}
+        key = sample.key if sample.key is not None else KEY_FORMAT.format(self.num_samples)
+        members = {f"{key}.{extension}": data for extension, data in sample.extra}
+        members[f"{key}.{self.encoding}"] = sample.image
+        members.setdefault(f"{key}.json", json.dumps({"source": sample.source}).encode("ascii"))
         if sample.label is not None:
-            members[f"{key}.cls"] = str(int(sample.label)).encode("ascii")
+            members.setdefault(f"{key}.cls", str(int(sample.label)).encode("ascii"))
         for name in sorted(members):
             self._tar.addfile(_member(name, members[name]), io.BytesIO(members[name]))
         self.num_samples += 1
@@ -160,17 +165,24 @@ def write_split(samples: Iterable[Sample], directory: str | os.PathLike, *, spli
     try:
         for sample in samples:
             writer.write(sample)
-        shards = writer.close()
     except BaseException:
         writer.abort()
         raise
+    return finish_split(writer, split=split, image_size=image_size, channels=channels,
+                        source=source, skipped=skipped, num_classes=num_classes)
+
+
+def finish_split(writer: ShardWriter, *, split: str, image_size: int, channels: int, source: str,
+                 skipped: Iterable[dict] = (), num_classes: int = 0, keys: str = "index") -> Manifest:
+    """Close `writer`'s last shard and write the manifest of what it wrote."""
+    shards = writer.close()
     manifest = Manifest(
-        split=split, image_size=image_size, channels=channels, encoding=encoding,
+        split=split, image_size=image_size, channels=channels, encoding=writer.encoding,
         num_samples=writer.num_samples, shards=tuple(shards), skipped=tuple(skipped),
-        source=source, num_classes=num_classes,
+        source=source, num_classes=num_classes, keys=keys,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    write_manifest(manifest, directory)
+    write_manifest(manifest, writer.directory)
     return manifest
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.decode import decode_square
+from pipeline.decode import IMAGE_MEMBERS, decode_square
 from pipeline.errors import UserError
 # Shard lists and shard reading live in their own modules; their names stay importable from here.
 from pipeline.shard_io import FetchPolicy, iter_raw_samples, opened_shards
@@ -50,7 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff", "gif")
+IMAGE_EXTENSIONS = IMAGE_MEMBERS
 CROPS = ("center", "random")
 
 

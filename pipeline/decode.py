@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 
 MODES = {1: "L", 3: "RGB"}
+# Member extensions that hold a sample's image in a shard, in the order they are looked for.
+IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff", "gif")
 # Resampling of load-time resizes: bilinear, antialiased when reducing (as every Pillow resize
 # is; torchvision's default too), about twice as fast as bicubic in Pillow; reductions of more
 # than REDUCING_GAP times start with a box reduction by an integer factor (Pillow's

@@ -21,6 +21,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "genpipe-shards/1"
 ENCODINGS = ("png", "jpg", "webp")
 CHANNELS = (1, 3)
+KEYS = ("index", "source")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Manifest:
     source: str  # where the images came from (a directory, or "sklearn.datasets.load_digits")
     created: str  # ISO 8601 UTC time of writing
     num_classes: int = 0  # labels 0..num_classes-1 stored as "<key>.cls"; 0: no labels
+    keys: str = "index"  # "index": keys are the samples' %09d indices; "source": kept from the source shards
     format: str = FORMAT
 
     def shard_paths(self, directory: str | os.PathLike) -> list[str]:
@@ -57,6 +59,8 @@ class Manifest:
         data = asdict(self)
         data["shards"] = [asdict(shard) for shard in self.shards]
         data["skipped"] = [dict(item) for item in self.skipped]
+        if self.keys == "index":
+            del data["keys"]  # the default: manifests stay readable by versions without the field
         return data
 
 
@@ -200,6 +204,9 @@ def _manifest_from_dict(data: Any, path: Path) -> Manifest:
     num_classes = data.get("num_classes", 0)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise _fail(path, "num_classes", "a non-negative integer", num_classes)
+    keys = data.get("keys", "index")
+    if keys not in KEYS:
+        raise _fail(path, "keys", " or ".join(repr(k) for k in KEYS), keys)
     return Manifest(
         split=split,
         image_size=image_size,
@@ -211,5 +218,6 @@ def _manifest_from_dict(data: Any, path: Path) -> Manifest:
         source=source,
         created=created,
         num_classes=num_classes,
+        keys=keys,
         format=fmt,
     )

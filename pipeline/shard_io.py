@@ -319,14 +319,14 @@ def iter_raw_samples(url: str, fileobj: BinaryIO | None = None) -> Iterator[tupl
                 if named is None:
                     continue
                 key, extension = named
+                if key != current_key:  # the sample before is complete: out before any damage
+                    if current_key is not None:
+                        yield current_key, current
+                    current_key, current = key, {}
                 handle = tar.extractfile(member)
                 data = handle.read() if handle is not None else b""
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} is truncated")
-                if key != current_key:
-                    if current_key is not None:
-                        yield current_key, current
-                    current_key, current = key, {}
                 current[extension] = data
             end_of_members = tar.offset
         _check_archive_end(stream, end_of_members)

@@ -204,12 +204,13 @@ def _check_remote(fs, urls: list[str], sizes: list[int | None], key: str) -> Non
 # Sample counts of bare local directories
 
 
-def shard_counts(shards: list[Path]) -> list[int]:
-    """Samples in each local shard: img2dataset's stats, else a cached count, else counted."""
+def shard_counts(shards: list[Path]) -> list[int | None]:
+    """Samples in each local shard: img2dataset's stats, else a cached count, else counted
+    (None for a shard too damaged to count)."""
     counts: list[int | None] = [_stats_count(p) for p in shards]
     missing = [i for i, c in enumerate(counts) if c is None]
     if not missing:
-        return counts  # type: ignore[return-value]
+        return counts
     cache_file = _cache_file(shards)
     cached = _read_counts(cache_file)
     changed = False
@@ -220,13 +221,16 @@ def shard_counts(shards: list[Path]) -> list[int]:
         if entry and entry.get("bytes") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
             counts[index] = int(entry["samples"])
             continue
-        counts[index] = count_samples(str(shard))
+        try:
+            counts[index] = count_samples(str(shard))
+        except UserError:
+            continue  # a damaged shard: count unknown, the reader that reads it says so
         cached[str(shard.resolve())] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                                         "samples": counts[index]}
         changed = True
     if changed:
         _write_counts(cache_file, cached)
-    return counts  # type: ignore[return-value]
+    return counts
 
 
 def _stats_count(shard: Path) -> int | None:

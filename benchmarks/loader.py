@@ -1,23 +1,28 @@
 """Images/s of our WebDataset reader against torchvision's ImageFolder, on the same JPEGs.
 
 Data. ``--images`` random crops (side 60–100 % of the photo's shorter side, random position,
-seeded) of real photographs, resized to 256×256 (Lanczos) and saved as JPEG quality 95 in ten
-class folders, ``WORKDIR/images/class_NN/NNNNNN.jpg``, the layout ImageFolder reads. The
-photographs are scikit-learn's two sample photos (china.jpg, flower.jpg, 640×427), or every image
-under ``--src``. The same folder is then written to shards by the repository's own tool,
-``python -m data_prep.cli images WORKDIR/images WORKDIR/shards --size 256 --format jpg``, which
-re-encodes each image as JPEG quality 95 (the same encoder and settings, so both sides decode
-files of about the same size; each row records the bytes per image its side reads).
+seeded) of real photographs, resized to ``--stored-size`` squared (default 256; Lanczos) and
+saved as JPEG quality 95 in ten class folders, ``WORKDIR/images/class_NN/NNNNNN.jpg``, the
+layout ImageFolder reads. The photographs are scikit-learn's two sample photos (china.jpg,
+flower.jpg, 640×427), or every image under ``--src``. The same folder is then written to shards
+by the repository's own tool, ``python -m data_prep.cli images WORKDIR/images WORKDIR/shards
+--size STORED --format jpg``, which re-encodes each image as JPEG quality 95 (the same encoder
+and settings, so both sides decode files of about the same size; each row records the bytes per
+image its side reads).
 
-The two sides, per image:
+Both sides deliver ``--size`` squared images (default 256). Stored at that size, ours takes its
+fast path (decode only); stored larger (``--stored-size 512 --size 256``), ours resizes at load
+time: a JPEG at least twice the target is decoded at a reduced scale (``Image.draft``), then the
+square is resampled to the target where the reduced decode did not land on it. Per image:
 
 - ``ours``: ``pipeline.data.TrainingBatches`` as the trainer builds it (shuffle buffer 1000,
-  random flip, prefetch factor 4): stream the tar shard, keep the raw bytes in the shuffle
-  buffer, PIL decode to RGB, NumPy array transposed to [3, 256, 256] uint8, flip by a seeded
-  coin, ``np.stack`` into the batch;
-- ``torchvision``: ``datasets.ImageFolder`` (PIL open and ``convert("RGB")`` of each file) with
-  ``transforms.Compose([RandomHorizontalFlip(), PILToTensor()])`` (uint8 [3, 256, 256], no float
-  conversion, as ours), in ``DataLoader(batch_size, shuffle=True, drop_last=True,
+  random flip, prefetch factor 4, centre crop): stream the tar shard, keep the raw bytes in the
+  shuffle buffer, PIL decode to RGB (reduced, resized when stored larger), NumPy array
+  transposed to [3, size, size] uint8, flip by a seeded coin, ``np.stack`` into the batch;
+- ``torchvision``: ``datasets.ImageFolder`` (PIL open and ``convert("RGB")`` of each file, full
+  size) with ``transforms.Compose([Resize(size), CenterCrop(size), RandomHorizontalFlip(),
+  PILToTensor()])`` (the resize and crop do nothing to an image already at the size; uint8,
+  no float conversion, as ours), in ``DataLoader(batch_size, shuffle=True, drop_last=True,
   persistent_workers=True, prefetch_factor=4)`` and the default collate.
 
 Both use fork for their workers and pin memory only where CUDA is available (as the trainer).
@@ -31,14 +36,18 @@ recorded before each measurement: on a shared machine, figures fall as it rises.
 just written, so both sides read from the page cache; on a cold or network file system
 ImageFolder's one open per image costs more than ours' sequential tar reads.
 
-Two more rows split our per-image work, in one process: ``ours-tar-read`` (every shard read into
-raw samples, no decode) and ``ours-decode`` (``pipeline.data.decode_image`` of ``--measure-images``
-samples held in memory). Their per-image times add up to about that of ``ours`` at 0 workers.
+Three more rows, in one process: ``ours-tar-read`` (every shard read into raw samples, no
+decode), ``ours-decode`` (``pipeline.data.decode_image`` to the training size of
+``--measure-images`` samples held in memory) and ``stored-decode``, the yardstick: a plain
+full-size PIL decode to an RGB array of the same stored JPEGs (what one core can decode). The
+first two add up to about ``ours`` at 0 workers; ``ours`` per worker against ``stored-decode``
+says what share of a core's decoding rate the whole reader keeps.
 
 Prints a table and appends one JSON line per (side, worker count) to ``--out`` (default
 docs/benchmarks/loader_<hostname>.jsonl)::
 
     OMP_NUM_THREADS=1 python benchmarks/loader.py --images 2000 --workers 0,1,2 --batch 32
+    OMP_NUM_THREADS=1 python benchmarks/loader.py --images 2000 --workers 0,1 --stored-size 512
     OMP_NUM_THREADS=1 python benchmarks/loader.py --images 8000 --workers 1,2,4,8,16 --batch 64
 
 Whether data is the bottleneck of a real GPU run is read from the run itself: ``metrics.jsonl``
@@ -54,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import math
 import os
@@ -76,7 +86,6 @@ from pipeline.errors import UserError
 from torchvision_compat import import_torchvision
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGE_SIZE = 256
 CLASSES = 10
 JPEG_QUALITY = 95
 SHUFFLE_BUFFER = 1000  # the config default (pipeline/config.py)
@@ -111,8 +120,8 @@ def open_photograph(photo) -> Image.Image:
         raise UserError(f"--src: {photo} is not a readable image ({exc})") from None
 
 
-def make_image_folder(root: Path, photos: list, count: int, seed: int) -> None:
-    """count 256×256 JPEG crops of the photos (crop i from photo i mod len(photos))."""
+def make_image_folder(root: Path, photos: list, count: int, seed: int, stored: int) -> None:
+    """count stored×stored JPEG crops of the photos (crop i from photo i mod len(photos))."""
     rng = np.random.default_rng(seed)
     for class_index in range(CLASSES):
         (root / f"class_{class_index:02d}").mkdir(parents=True)
@@ -127,14 +136,14 @@ def make_image_folder(root: Path, photos: list, count: int, seed: int) -> None:
             left = int(rng.integers(0, width - side + 1))
             top = int(rng.integers(0, height - side + 1))
             crop = image.crop((left, top, left + side, top + side))
-            crop = crop.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+            crop = crop.resize((stored, stored), Image.Resampling.LANCZOS)
             crop.save(root / f"class_{index % CLASSES:02d}" / f"{index:06d}.jpg", quality=JPEG_QUALITY)
 
 
-def write_shards(images: Path, out: Path, samples_per_shard: int) -> None:
+def write_shards(images: Path, out: Path, samples_per_shard: int, side: int) -> None:
     command = [
         sys.executable, "-m", "data_prep.cli", "images", str(images), str(out),
-        "--size", str(IMAGE_SIZE), "--format", "jpg", "--samples-per-shard", str(samples_per_shard),
+        "--size", str(side), "--format", "jpg", "--samples-per-shard", str(samples_per_shard),
     ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
@@ -146,10 +155,10 @@ def write_shards(images: Path, out: Path, samples_per_shard: int) -> None:
 # Loaders
 
 
-def our_batches(shards, workers: int, batch: int, seed: int):
+def our_batches(shards, workers: int, batch: int, seed: int, size: int):
     batches = TrainingBatches(
         shards, seed=seed, rank=0, world_size=1, num_workers=workers, batch_size=batch,
-        image_size=IMAGE_SIZE, channels=3, shuffle_buffer=SHUFFLE_BUFFER, random_flip=True,
+        image_size=size, channels=3, shuffle_buffer=SHUFFLE_BUFFER, random_flip=True,
         prefetch_factor=PREFETCH_FACTOR, pin_memory=torch.cuda.is_available(),
     )
     try:
@@ -158,10 +167,12 @@ def our_batches(shards, workers: int, batch: int, seed: int):
         batches.close()
 
 
-def torchvision_batches(torchvision, root: Path, workers: int, batch: int, seed: int):
+def torchvision_batches(torchvision, root: Path, workers: int, batch: int, seed: int, size: int):
     transforms = torchvision.transforms
     dataset = torchvision.datasets.ImageFolder(
-        str(root), transform=transforms.Compose([transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+        str(root), transform=transforms.Compose([
+            transforms.Resize(size), transforms.CenterCrop(size), transforms.RandomHorizontalFlip(),
+            transforms.PILToTensor()]),
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
@@ -175,12 +186,13 @@ def torchvision_batches(torchvision, root: Path, workers: int, batch: int, seed:
             yield images
 
 
-def our_parts(shards, measure_images: int) -> dict[str, tuple[int, float]]:
-    """(images, seconds) of the two halves of our per-image work, one process, no workers.
+def our_parts(shards, measure_images: int, size: int) -> dict[str, tuple[int, float]]:
+    """(images, seconds) of the parts of our per-image work and of the yardstick, one process.
 
     ``ours-tar-read``: every shard's samples read as raw bytes (tar parsing, no decode);
-    ``ours-decode``: ``decode_image`` (PIL decode, RGB, [3, H, W] uint8) of measure_images of
-    those samples held in memory.
+    ``ours-decode``: ``decode_image`` (PIL decode, RGB, reduced and resized to `size` when
+    stored larger, [3, H, W] uint8) of measure_images of those samples held in memory;
+    ``stored-decode``: a plain full-size PIL decode to an RGB array of the same samples.
     """
     started = time.perf_counter()
     samples = [(key, url, sample) for url in shards.urls for key, sample in iter_raw_samples(url)]
@@ -188,17 +200,23 @@ def our_parts(shards, measure_images: int) -> dict[str, tuple[int, float]]:
     started = time.perf_counter()
     for index in range(measure_images):
         key, url, sample = samples[index % len(samples)]
-        decode_image(sample, key, url, IMAGE_SIZE, 3)
+        decode_image(sample, key, url, size, 3)
+    decode_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for index in range(measure_images):
+        with Image.open(io.BytesIO(samples[index % len(samples)][2]["jpg"])) as image:
+            np.asarray(image.convert("RGB"))
     return {"ours-tar-read": (len(samples), read_seconds),
-            "ours-decode": (measure_images, time.perf_counter() - started)}
+            "ours-decode": (measure_images, decode_seconds),
+            "stored-decode": (measure_images, time.perf_counter() - started)}
 
 
-def measure(batches, warmup_batches: int, timed_batches: int, batch: int) -> tuple[int, float]:
+def measure(batches, warmup_batches: int, timed_batches: int, batch: int, size: int) -> tuple[int, float]:
     """(images received, seconds) over timed_batches after warmup_batches untimed ones."""
     try:
         for _ in range(warmup_batches):
             first = next(batches)
-        assert first.shape == (batch, 3, IMAGE_SIZE, IMAGE_SIZE) and first.dtype == torch.uint8
+        assert first.shape == (batch, 3, size, size) and first.dtype == torch.uint8
         started = time.perf_counter()
         images = sum(next(batches).shape[0] for _ in range(timed_batches))
         return images, time.perf_counter() - started
@@ -248,9 +266,9 @@ def parse_impls(text: str) -> list[str]:
 def run(args, torchvision, work: Path, samples_per_shard: int, info: dict) -> list[dict]:
     images_dir, shards_dir = work / "images", work / "shards"
     started = time.perf_counter()
-    make_image_folder(images_dir, photographs(args.src), args.images, args.seed)
+    make_image_folder(images_dir, photographs(args.src), args.images, args.seed, args.stored_size)
     made = time.perf_counter()
-    write_shards(images_dir, shards_dir, samples_per_shard)
+    write_shards(images_dir, shards_dir, samples_per_shard, args.stored_size)
     shards = resolve_shards(str(shards_dir / "train"))
     print(f"{args.images} JPEGs made in {made - started:.1f} s, {len(shards.urls)} shards in "
           f"{time.perf_counter() - made:.1f} s ({work})")
@@ -262,6 +280,8 @@ def run(args, torchvision, work: Path, samples_per_shard: int, info: dict) -> li
     common = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dataset_images": args.images,
+        "stored_size": args.stored_size,
+        "image_size": args.size,
         "source": str(args.src) if args.src else "sklearn sample photos",
         "shards": len(shards.urls),
         **info,
@@ -275,7 +295,8 @@ def run(args, torchvision, work: Path, samples_per_shard: int, info: dict) -> li
             "impl": impl, "workers": workers, "batch": args.batch, "images": images,
             "seconds": round(seconds, 3), "img_s": round(images / seconds, 1),
             "img_s_per_worker": round(images / seconds / max(workers, 1), 1),
-            "warmup_batches": warmup, "bytes_per_image": round(bytes_per_image[impl.split("-")[0]]),
+            "warmup_batches": warmup,
+            "bytes_per_image": round(bytes_per_image["torchvision" if impl == "torchvision" else "ours"]),
             "load_1min": round(load_1min, 2), **common,
         }
         rows.append(row)
@@ -284,17 +305,17 @@ def run(args, torchvision, work: Path, samples_per_shard: int, info: dict) -> li
 
     if "ours" in args.impl:
         load_1min = os.getloadavg()[0]
-        for impl, (images, seconds) in our_parts(shards, args.measure_images).items():
+        for impl, (images, seconds) in our_parts(shards, args.measure_images, args.size).items():
             add_row(impl, 0, images, seconds, load_1min, 0)
     for workers in args.workers:
         for impl in args.impl:
             load_1min = os.getloadavg()[0]
             if impl == "ours":
-                batches = our_batches(shards, workers, args.batch, args.seed)
+                batches = our_batches(shards, workers, args.batch, args.seed, args.size)
             else:
-                batches = torchvision_batches(torchvision, images_dir, workers, args.batch, args.seed)
+                batches = torchvision_batches(torchvision, images_dir, workers, args.batch, args.seed, args.size)
             warmup = args.warmup_batches * max(workers, 1)
-            images, seconds = measure(batches, warmup, timed_batches, args.batch)
+            images, seconds = measure(batches, warmup, timed_batches, args.batch, args.size)
             add_row(impl, workers, images, seconds, load_1min, warmup)
     return rows
 
@@ -303,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="JPEGs to make (default 2000)")
     parser.add_argument("--src", type=Path, help="crop these photographs instead of scikit-learn's two")
+    parser.add_argument("--stored-size", type=int, default=256,
+                        help="side of the stored JPEGs (default 256)")
+    parser.add_argument("--size", type=int, default=256, help="side of the delivered images (default 256)")
     parser.add_argument("--workdir", type=Path, help="where images and shards go, kept (must be empty or "
                         "absent; default: a temporary directory, removed)")
     parser.add_argument("--workers", type=parse_workers, default=[0, 1, 2], help="worker counts (default 0,1,2)")
@@ -319,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
 
     readers = max(max(args.workers), 1)
     samples_per_shard = args.samples_per_shard or max(1, min(1000, args.images // readers))
-    for name in ("images", "batch", "samples_per_shard", "warmup_batches", "measure_images"):
+    for name in ("images", "batch", "samples_per_shard", "warmup_batches", "measure_images", "size",
+                 "stored_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -66,6 +66,8 @@ def test_our_rows(tiny_run):
     check_rows(rows, "ours")
     parts = {row["impl"]: row for row in rows if row["impl"].startswith("ours-")}
     assert parts["ours-tar-read"]["images"] == 48 and parts["ours-decode"]["images"] == 30
+    stored = next(row for row in rows if row["impl"] == "stored-decode")
+    assert stored["images"] == 30 and stored["img_s"] > 0
     assert all(row["img_s"] > 0 and row["workers"] == 0 for row in parts.values())
     assert f"{len(rows)} rows appended" in stdout
 
@@ -75,10 +77,29 @@ def test_our_rows(tiny_run):
 def test_torchvision_rows(tiny_run):
     _, rows, _ = tiny_run
     check_rows(rows, "torchvision")
-    assert len(rows) == 6  # and ours-tar-read, ours-decode
+    assert len(rows) == 7  # and ours-tar-read, ours-decode, stored-decode
+
+
+@pytest.mark.slow
+def test_stored_larger_than_delivered(tmp_path):
+    """--stored-size 64 --size 32: 64×64 JPEGs on disk, 32×32 batches from both sides."""
+    work, out = tmp_path / "work", tmp_path / "rows.jsonl"
+    impls = "ours,torchvision" if HAS_TORCHVISION else "ours"
+    done = bench("--images", "24", "--workers", "0", "--batch", "8", "--measure-images", "16",
+                 "--warmup-batches", "1", "--impl", impls, "--stored-size", "64", "--size", "32",
+                 "--workdir", str(work), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    with Image.open(next((work / "images").glob("class_*/*.jpg"))) as image:
+        assert image.size == (64, 64)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {row["impl"] for row in rows} >= {"ours", "ours-decode", "stored-decode"}
+    assert all(row["stored_size"] == 64 and row["image_size"] == 32 for row in rows)
 
 
 def load_benchmark():
+    # run as a script, the benchmark finds its sibling modules (torchvision_compat) on sys.path
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("bench_loader", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

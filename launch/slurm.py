@@ -1,10 +1,14 @@
-"""`launch slurm | cancel`: training jobs on a Slurm cluster through submitit (`launch status`,
-launch/status.py, reads their job state with the functions here).
+"""`launch slurm | cancel`: training jobs on a Slurm cluster through submitit. What Slurm says
+about jobs and partitions is read in launch/slurm_queries.py, shared with `launch status`.
 
-Launcher side: `submit` validates the config, writes the resolved config into the run directory
-and submits one sbatch job (submitit's `SlurmExecutor`, files in ``run_dir/slurm/``) with one
-task per GPU (or ``slurm.tasks_per_node`` tasks on CPU partitions), ``--signal=USR2@N`` and
-``--requeue``. ``--dry-run`` prints the sbatch script, rendered by submitit's own builder.
+Launcher side: `submit` validates the config, checks the request against the partition (a job
+the partition can never run is an error before anything is submitted), writes the resolved
+config into the run directory and submits one sbatch job (submitit's `SlurmExecutor`, files in
+``run_dir/slurm/``) with one task per GPU (or ``slurm.tasks_per_node`` tasks on CPU partitions),
+``--signal=USR2@N`` and ``--requeue``. ``--dry-run`` prints the sbatch script, rendered by
+submitit's own builder. After submitting, `first_look` (or `wait`, with ``--wait``) shows why the
+job is pending; a job Slurm will never start (its reason, e.g. ``PartitionConfig``, confirmed
+against the partition) is cancelled and reported as one line naming the config key to change.
 
 Job side: every task runs `SlurmEntry`, which turns the Slurm environment into the torchrun-style
 one the trainer reads (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR = first host
@@ -29,29 +33,26 @@ This module is imported on every task before training starts: keep its top-level
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import io
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from launch import slurm_queries as queries
+from launch.slurm_queries import ACTIVE_STATES, JOB_FILE, SUBMITIT_FOLDER, exit_status, job_state, read_job
 from pipeline import preemption
 from pipeline.errors import UserError
 
-SUBMITIT_FOLDER = "slurm"
-"""Submitit's folder (sbatch script, pickles, per-task logs) inside the run directory."""
-JOB_FILE = "job.json"
-"""The run's current job (id, log paths), written at submission; read by status and cancel."""
-REQUEUE_FILE = "requeues.json"
-"""How many times rank 0 requeued the current job."""
 EVENTS_FILE = "events.jsonl"
 """One JSON line per job-side event (start, stop, requeue), with wall-clock times."""
 
@@ -59,9 +60,10 @@ PORT_BASE, PORT_SPAN = 20000, 10000
 # Below Linux's ephemeral range (32768+), so outgoing connections rarely hold the port.
 
 REQUEUE_SIGNALS = (signal.SIGUSR2, signal.SIGUSR1)
-ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-                 "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
-                 "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+
+FIRST_LOOK_TRIES, FIRST_LOOK_INTERVAL_S = 20, 0.5
+"""Without ``--wait``: how often (and how far apart) `first_look` asks for a new job's reason
+while Slurm has not given one yet (``Reason=None``, the job not yet looked at)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +143,18 @@ def _run_dir_slurm(run_dir: Path) -> Path:
     return Path(run_dir) / SUBMITIT_FOLDER
 
 
-def submit(config: Any) -> dict[str, Any]:
-    """Write the resolved config into the run directory and submit the job; returns job.json."""
+def request_of(config: Any) -> queries.Request:
+    """What the run's job asks Slurm for."""
+    return queries.Request.from_section(config.slurm.model_dump())
+
+
+def submit(config: Any, check_partition: bool = True) -> dict[str, Any]:
+    """Write the resolved config into the run directory and submit the job; returns job.json.
+
+    First, unless `check_partition` is false, the request is checked against its partition
+    (`slurm_queries.request_problem`): one the partition can never run is an error that submits
+    nothing. So is a job sbatch refuses.
+    """
     import submitit
 
     from launch.local import preflight, warn_if_config_changed
@@ -160,6 +172,11 @@ def submit(config: Any) -> dict[str, Any]:
             )
     if shutil.which("sbatch") is None:
         raise UserError("sbatch not found: run `launch slurm` on a Slurm login node (or use --dry-run)")
+    request = request_of(config)
+    if check_partition:
+        problem = queries.request_problem(request)
+        if problem is not None:
+            raise UserError(f"{problem}; nothing submitted")
     # The login node sees the shared file system the nodes see: check the shards here, before
     # the job waits in the queue only to fail.
     preflight(config, config.slurm.nodes * tasks_per_node(config.slurm))
@@ -168,10 +185,15 @@ def submit(config: Any) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
 
     # A new job starts a new requeue count (the count is also keyed by job id).
-    (folder / REQUEUE_FILE).unlink(missing_ok=True)
+    (folder / queries.REQUEUE_FILE).unlink(missing_ok=True)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
     executor.update_parameters(**sbatch_parameters(config))
-    job = executor.submit(SlurmEntry(str(config_path)))
+    try:
+        # submitit prints sbatch's error lines before raising them: one line is enough.
+        with contextlib.redirect_stderr(io.StringIO()):
+            job = executor.submit(SlurmEntry(str(config_path)))
+    except submitit.core.utils.FailedJobError as exc:
+        raise UserError(queries.sbatch_refusal(str(exc), request)) from None
     tasks = config.slurm.nodes * tasks_per_node(config.slurm)
     info = {
         "job_id": job.job_id,
@@ -183,20 +205,80 @@ def submit(config: Any) -> dict[str, Any]:
         "stderr": str(job.paths.stderr),
         "task_logs": str(folder / f"{job.job_id}_<task>_log.out"),
     }
-    _write_json(folder / JOB_FILE, info)
+    queries.write_json(folder / JOB_FILE, info)
     return info
 
 
-def read_job(run_dir: Path) -> dict[str, Any] | None:
-    path = _run_dir_slurm(Path(run_dir)) / JOB_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+# ---------------------------------------------------------------------------------------------
+# Following a submitted job
 
 
-def wait(run_dir: Path, job_id: str, poll_s: float = 10.0, out=sys.stdout) -> int:
-    """Follow a job until it ends (through requeues); its exit status, or 1 if it did not finish."""
-    last_state, last_step = None, None
+def describe(job_id: str, info: dict[str, str]) -> tuple[str, queries.Reason | None]:
+    """``job N: STATE`` (with the requeue count and, while pending, the reason in words), and the
+    pending reason."""
+    state = info.get("JobState", "unknown to Slurm")
+    extra = f" (requeued {info['Restarts']}x)" if info.get("Restarts", "0") != "0" else ""
+    reason = queries.explain_reason(info.get("Reason"), job_id) if state == "PENDING" else None
+    why = f": {reason}" if reason is not None else ""
+    return f"job {job_id}: {state}{extra}{why}", reason
+
+
+def give_up(run_dir: Path, job_id: str, reason: queries.Reason, problem: str) -> UserError:
+    """Cancel a job Slurm will never start; the one-line error that says so and what to change."""
+    result = queries.run(["scancel", str(job_id)])
+    if result.returncode == 0:
+        done = f"cancelled job {job_id}"
+    else:
+        done = f"cancelling it failed ({(result.stderr or result.stdout).strip()}): run `scancel {job_id}`"
+    message = f"job {job_id} can never start (Slurm: {reason.code}): {problem}; {done}"
+    job = read_job(run_dir)
+    if job is not None and str(job.get("job_id")) == str(job_id):
+        queries.write_json(_run_dir_slurm(run_dir) / JOB_FILE,
+                           {**job, "never_starts": {"reason": reason.code, "problem": problem}})
+    _event(run_dir, "never_starts", job_id=job_id, reason=reason.code, problem=problem,
+           cancelled=result.returncode == 0)
+    return UserError(message)
+
+
+def _check_pending(run_dir: Path, job_id: str, info: dict[str, str], reason: queries.Reason | None,
+                   request: queries.Request | None) -> None:
+    if reason is not None and (reason.never or reason.maybe_never):
+        problem = queries.never_starts(info, reason, request)
+        if problem is not None:
+            raise give_up(run_dir, job_id, reason, problem)
+
+
+def first_look(run_dir: Path, job_id: str, request: queries.Request | None = None,
+               out: TextIO = sys.stdout) -> None:
+    """Right after submitting, without ``--wait``: show the job's state and why it is pending;
+    a job Slurm will never start is cancelled and raised as a `UserError`.
+
+    Slurm gives a reason when it first looks at a job (limits at submission, the rest at the next
+    scheduling pass): ask at most FIRST_LOOK_TRIES times while it has given none.
+    """
+    request = request or queries.request_of_run(run_dir)
+    for attempt in range(FIRST_LOOK_TRIES):
+        info = job_state(job_id)
+        line, reason = describe(job_id, info)
+        if info.get("JobState") not in (None, "PENDING") or reason is not None:
+            break
+        if attempt + 1 < FIRST_LOOK_TRIES:
+            time.sleep(FIRST_LOOK_INTERVAL_S)
+    else:
+        later = f"`launch status {run_dir}` shows it later"
+        line = (f"job {job_id}: not known to Slurm yet ({later})" if info.get("JobState") is None else
+                f"{line} (Slurm has not given a reason yet; {later})")
+    print(line, file=out, flush=True)
+    _check_pending(run_dir, job_id, info, reason, request)
+
+
+def wait(run_dir: Path, job_id: str, poll_s: float = 10.0, out: TextIO = sys.stdout,
+         request: queries.Request | None = None) -> int:
+    """Follow a job until it ends (through requeues), saying why it is pending; its exit status,
+    or 1 if it did not finish. A job Slurm will never start is cancelled and raised as a
+    `UserError`."""
+    request = request or queries.request_of_run(run_dir)
+    last_line, last_step = None, None
     unknown_since = None
     while True:
         info = job_state(job_id)
@@ -209,10 +291,11 @@ def wait(run_dir: Path, job_id: str, poll_s: float = 10.0, out=sys.stdout) -> in
                 return 1
         else:
             unknown_since = None
-        if state != last_state and state is not None:
-            extra = f" (requeued {info['Restarts']}x)" if info.get("Restarts", "0") != "0" else ""
-            print(f"job {job_id}: {state}{extra}", file=out, flush=True)
-            last_state = state
+            line, reason = describe(job_id, info)
+            if line != last_line:
+                print(line, file=out, flush=True)
+                last_line = line
+            _check_pending(run_dir, job_id, info, reason, request)
         progress = read_progress(run_dir)
         if progress.get("step") is not None and progress["step"] != last_step:
             last_step = progress["step"]
@@ -225,47 +308,6 @@ def wait(run_dir: Path, job_id: str, poll_s: float = 10.0, out=sys.stdout) -> in
                   f"{_run_dir_slurm(run_dir)}/{job_id}_*_log.err", file=out, flush=True)
             return code or 1
         time.sleep(poll_s)
-
-
-# ---------------------------------------------------------------------------------------------
-# Querying Slurm
-
-
-def _slurm(args: list[str], check: bool = False) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=60, check=check)
-    except FileNotFoundError:
-        return subprocess.CompletedProcess(args, 127, "", f"{args[0]}: not found")
-
-
-def job_state(job_id: str) -> dict[str, str]:
-    """Slurm's fields for a job (JobState, ExitCode, Restarts, NodeList, ...), {} if unknown.
-
-    scontrol knows pending, running and recently finished jobs (MinJobAge); sacct, where the
-    cluster keeps accounting, knows the rest.
-    """
-    result = _slurm(["scontrol", "show", "job", "-o", str(job_id)])
-    if result.returncode == 0 and result.stdout.strip():
-        fields: dict[str, str] = {}
-        for token in result.stdout.split():
-            key, sep, value = token.partition("=")
-            if sep and key not in fields:
-                fields[key] = value
-        return fields
-    result = _slurm(["sacct", "-X", "-n", "-P", "-o", "State,ExitCode,NodeList", "-j", str(job_id)])
-    if result.returncode == 0 and result.stdout.strip():
-        state, exit_code, nodes = (result.stdout.strip().splitlines()[-1].split("|") + ["", "", ""])[:3]
-        return {"JobState": state.split()[0], "ExitCode": exit_code, "NodeList": nodes}
-    return {}
-
-
-def exit_status(info: dict[str, str]) -> int:
-    """Slurm's ``ExitCode=code:signal`` as a shell exit status."""
-    code, _, sig = info.get("ExitCode", "0:0").partition(":")
-    try:
-        return int(sig) + 128 if sig and int(sig) else int(code)
-    except ValueError:
-        return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +336,7 @@ def cancel(run_dir: Path) -> str:
     job = read_job(Path(run_dir))
     if job is None:
         raise UserError(f"{run_dir}: no job submitted with `launch slurm` (no {SUBMITIT_FOLDER}/{JOB_FILE})")
-    result = _slurm(["scancel", str(job["job_id"])])
+    result = queries.run(["scancel", str(job["job_id"])])
     if result.returncode != 0:
         raise UserError(f"scancel {job['job_id']} failed: {result.stderr.strip() or result.stdout.strip()}")
     return job["job_id"]
@@ -306,13 +348,7 @@ def cancel(run_dir: Path) -> str:
 
 def first_hostname(nodelist: str) -> str:
     """First host of a Slurm node list (``gpu[003-005],gpu010`` -> ``gpu003``), as scontrol says."""
-    result = _slurm(["scontrol", "show", "hostnames", nodelist])
-    if result.returncode == 0 and result.stdout.split():
-        return result.stdout.split()[0]
-    # Without scontrol on the compute node: expand the first group ourselves.
-    from submitit.slurm.slurm import _parse_node_list
-
-    return _parse_node_list(nodelist)[0]
+    return queries.hostnames(nodelist)[0]
 
 
 def rendezvous_port(job_id: str | int) -> int:
@@ -410,17 +446,17 @@ class SlurmEntry:
             print(f"stopped by {signame}: checkpoint saved, not requeued (a plain scancel or "
                   "Slurm's own preemption)", flush=True)
             return
-        done = _read_requeues(run_dir, job_id)
+        done = queries.read_requeues(run_dir, job_id)
         if done >= max_requeues:
             print(f"stopped by {signame}: checkpoint saved; not requeued, slurm.max_requeues="
                   f"{max_requeues} reached. Resubmit to continue.", flush=True)
             _event(run_dir, "not_requeued", job_id=job_id, requeues=done)
             return
         # Counted before the requeue: the requeued job may start before this process exits.
-        _write_requeues(run_dir, job_id, done + 1)
-        result = _slurm(["scontrol", "requeue", job_id])
+        queries.write_requeues(run_dir, job_id, done + 1)
+        result = queries.run(["scontrol", "requeue", job_id])
         if result.returncode != 0:
-            _write_requeues(run_dir, job_id, done)
+            queries.write_requeues(run_dir, job_id, done)
             print(f"scontrol requeue {job_id} failed: {result.stderr.strip()}; resubmit to continue",
                   flush=True)
             return
@@ -429,30 +465,11 @@ class SlurmEntry:
               f"({done + 1}/{max_requeues})", flush=True)
 
 
-def _read_requeues(run_dir: Path, job_id: str) -> int:
-    path = Path(run_dir) / SUBMITIT_FOLDER / REQUEUE_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return 0
-    return int(data.get("requeues", 0)) if str(data.get("job_id")) == str(job_id) else 0
-
-
-def _write_requeues(run_dir: Path, job_id: str, requeues: int) -> None:
-    _write_json(Path(run_dir) / SUBMITIT_FOLDER / REQUEUE_FILE, {"job_id": job_id, "requeues": requeues})
-
-
 def _event(run_dir: Path, event: str, **fields: Any) -> None:
     path = Path(run_dir) / SUBMITIT_FOLDER / EVENTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as out:
         out.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def _now() -> str:
@@ -476,7 +493,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     slurm.add_argument("--dry-run", action="store_true",
                        help="print the sbatch script that would be submitted; submit nothing")
     slurm.add_argument("--wait", action="store_true",
-                       help="follow the job (through requeues) and exit with its exit status")
+                       help="follow the job (through requeues, showing why it is pending) and exit "
+                       "with its exit status")
+    slurm.add_argument("--no-partition-check", dest="partition_check", action="store_false",
+                       help="submit without first checking the request against the partition's "
+                       "limits and nodes (sinfo, scontrol); Slurm's own verdict still counts")
     slurm.add_argument("--poll-s", type=float, default=10.0, help=argparse.SUPPRESS)
     slurm.set_defaults(func=_cmd_slurm)
 
@@ -495,17 +516,17 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(sbatch_script(config), end="")
         return 0
-    info = submit(config)
+    info = submit(config, check_partition=args.partition_check)
     print(f"submitted job {info['job_id']}: {info['tasks']} task(s) on {info['nodes']} node(s)")
     print(f"  run dir: {config.run_dir}")
     print(f"  script:  {info['sbatch_script']}")
     print(f"  stdout:  {info['stdout']}")
     print(f"  stderr:  {info['stderr']}")
-    print(f"  other tasks' logs: {info['task_logs']}")
+    print(f"  other tasks' logs: {info['task_logs']}", flush=True)
     if not args.wait:
+        first_look(Path(config.run_dir), info["job_id"], request_of(config))
         return 0
-    sys.stdout.flush()
-    return wait(Path(config.run_dir), info["job_id"], poll_s=args.poll_s)
+    return wait(Path(config.run_dir), info["job_id"], poll_s=args.poll_s, request=request_of(config))
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:

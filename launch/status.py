@@ -2,7 +2,9 @@
 
 Reads ``metrics.jsonl`` (training and evaluation records), ``config.yaml`` (max_steps), the
 checkpoints and, for runs submitted with ``launch slurm``, ``slurm/job.json`` plus what Slurm
-says about that job. Needs neither W&B nor the training processes. ``--plot`` draws the loss and
+says about that job (launch/slurm_queries.py): its state and, while it is pending, why, marking a
+job Slurm will never start and the config key to change. Needs neither W&B nor the training
+processes. ``--plot`` draws the loss and
 bits/dim curves and the newest sample grid into one PNG (matplotlib, the ``dev`` extra).
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launch import slurm_queries as queries
 from pipeline.errors import UserError
 
 LABEL_WIDTH = 13
@@ -117,31 +120,63 @@ def eta_seconds(progress: RunProgress, max_steps: int | None) -> float | None:
     return max(max_steps - stretch[0]["step"], 0) * seconds / steps
 
 
+def digits_quality_summary(record: dict[str, Any]) -> str:
+    """The digits sample-quality measures of a metrics record, each beside the held-out real
+    digits' value (`pipeline.digits_quality`)."""
+    parts = []
+    for name, label, decimals in (("fd", "FD", 2), ("is", "IS", 2), ("confidence", "confidence", 3),
+                                  ("classes_covered", "classes", 0)):
+        value = record.get(f"eval/digits_{name}")
+        if value is None:
+            continue
+        reference = record.get(f"eval/digits_{name}_reference")
+        real = f" (real {reference:.{decimals}f})" if reference is not None else ""
+        parts.append(f"{label} {value:.{decimals}f}{real}")
+    return f"{', '.join(parts)}; {record.get('eval/digits_images')} images, step {record['step']}"
+
+
 def _line(label: str, value: str) -> str:
     return f"{label + ':':<{LABEL_WIDTH}}{value}"
 
 
-def status_lines(run_dir: Path, now: float | None = None) -> list[str]:
-    from launch import slurm
+def job_lines(run_dir: Path, job: dict[str, Any], info: dict[str, str]) -> list[str]:
+    """The job's lines from job.json and Slurm's fields for it (`slurm_queries.job_state`)."""
+    job_id = str(job["job_id"])
+    state = info.get("JobState", "unknown (no longer known to Slurm)")
+    if info.get("JobState") and info["JobState"] not in queries.ACTIVE_STATES:
+        state += f", exit status {queries.exit_status(info)}"
+    requeues = queries.read_requeues(run_dir, job_id)
+    lines = [_line("job", f"{job_id} ({state}; requeued {requeues}x)")]
+    if info.get("JobState") == "PENDING":
+        reason = queries.explain_reason(info.get("Reason"), job_id)
+        if reason is None:
+            lines.append(_line("reason", "none yet (the scheduler has not looked at the job)"))
+        else:
+            problem = queries.never_starts(info, reason, queries.request_of_run(run_dir))
+            lines.append(_line("reason", str(reason) + (" (can never start)" if problem else "")))
+            if problem:
+                lines.append(_line("fix", f"{problem}; then `launch cancel {run_dir}` and submit again"))
+    elif job.get("never_starts") and info.get("JobState") in (None, "CANCELLED"):
+        never = job["never_starts"]
+        lines.append(_line("reason", f"{never['reason']}, could never start: {never['problem']} "
+                                     "(cancelled by `launch slurm`)"))
+    if info.get("NodeList") and info["NodeList"] != "(null)":
+        lines.append(_line("nodes", info["NodeList"]))
+    lines.append(_line("log", job["stdout"]))
+    return lines
 
+
+def status_lines(run_dir: Path, now: float | None = None) -> list[str]:
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() and not (run_dir / slurm.SUBMITIT_FOLDER).is_dir():
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / queries.SUBMITIT_FOLDER).is_dir():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
     now = time.time() if now is None else now
     lines = [_line("run dir", str(run_dir))]
-    job = slurm.read_job(run_dir)
+    job = queries.read_job(run_dir)
     if job is None:
         lines.append(_line("job", "none submitted with `launch slurm`"))
     else:
-        info = slurm.job_state(job["job_id"])
-        state = info.get("JobState", "unknown (no longer known to Slurm)")
-        if info.get("JobState") and info["JobState"] not in slurm.ACTIVE_STATES:
-            state += f", exit status {slurm.exit_status(info)}"
-        requeues = slurm._read_requeues(run_dir, job["job_id"])
-        lines.append(_line("job", f"{job['job_id']} ({state}; requeued {requeues}x)"))
-        if info.get("NodeList") and info["NodeList"] != "(null)":
-            lines.append(_line("nodes", info["NodeList"]))
-        lines.append(_line("log", job["stdout"]))
+        lines += job_lines(run_dir, job, queries.job_state(job["job_id"]))
 
     progress = read_metrics(run_dir)
     max_steps = _max_steps(run_dir)
@@ -160,6 +195,9 @@ def status_lines(run_dir: Path, now: float | None = None) -> list[str]:
     if quality is not None:
         lines.append(_line("FID", f"{quality['eval/fid']:.3f}, KID {quality.get('eval/kid', float('nan')):.4f} "
                                   f"({quality.get('eval/fid_images')} images, step {quality['step']})"))
+    digits = progress.last_with("eval/digits_fd")
+    if digits is not None:
+        lines.append(_line("digits", digits_quality_summary(digits)))
     if last.get("images_per_s") is not None:
         extra = f", MFU {100 * last['mfu']:.1f}%" if last.get("mfu") is not None else ""
         lines.append(_line("throughput", f"{last['images_per_s']:.1f} images/s{extra}"))

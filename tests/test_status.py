@@ -1,5 +1,6 @@
 """`launch status` (launch/status.py) on run directories written here: the fields it reports,
-the ETA across a relaunch, the Slurm job line, `--plot`, and its errors."""
+the ETA across a relaunch, the Slurm job lines (from job records Slurm 22.05 printed; jobs on the
+real test cluster are in tests/test_slurm.py), `--plot`, and its errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from launch import slurm, status
+from launch import slurm_queries, status
 from pipeline import config as config_module, images
 from pipeline.errors import UserError
 
@@ -74,16 +75,45 @@ def test_eta_uses_the_pace_since_the_last_relaunch(tmp_path):
     assert field(lines, "ETA") == "8s at the recent pace"  # 40 steps at 5 steps/s
 
 
-def test_finished_run_and_slurm_job_state(tmp_path, monkeypatch):
+COMPLETED_RECORD = (
+    "JobId=4242 JobName=run UserId=root(0) GroupId=root(0) Priority=4294901742 Nice=0 Account=(null) "
+    "QOS=(null) JobState=COMPLETED Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 "
+    "ExitCode=0:0 RunTime=00:00:01 TimeLimit=UNLIMITED Partition=debug NodeList=n[1-2] BatchHost=n1 NumNodes=2"
+)
+
+
+def test_finished_run_and_slurm_job_state(tmp_path):
     run_dir = make_run(tmp_path / "run", steps=range(10, 101, 10))
-    (run_dir / "slurm").mkdir()
-    (run_dir / "slurm" / "job.json").write_text(json.dumps({"job_id": "4242", "stdout": "/logs/4242.out"}))
-    monkeypatch.setattr(slurm, "job_state", lambda job_id: {"JobState": "COMPLETED", "ExitCode": "0:0",
-                                                            "NodeList": "node[1-2]"})
     lines = status.status_lines(run_dir)
     assert field(lines, "ETA") == "done"
-    assert field(lines, "job") == "4242 (COMPLETED, exit status 0; requeued 0x)"
-    assert field(lines, "nodes") == "node[1-2]"
+    job = {"job_id": "4242", "stdout": "/logs/4242.out"}
+    lines = status.job_lines(run_dir, job, slurm_queries.parse_record(COMPLETED_RECORD))
+    assert lines == ["job:         4242 (COMPLETED, exit status 0; requeued 0x)",
+                     "nodes:       n[1-2]", "log:         /logs/4242.out"]
+
+
+def test_a_pending_job_says_why(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+    job = {"job_id": "4242", "stdout": "/logs/4242.out"}
+    held = COMPLETED_RECORD.replace("JobState=COMPLETED Reason=None", "JobState=PENDING Reason=JobHeldUser")
+    lines = status.job_lines(run_dir, job, slurm_queries.parse_record(held.replace("NodeList=n[1-2]", "NodeList=")))
+    assert lines == ["job:         4242 (PENDING; requeued 0x)",
+                     "reason:      JobHeldUser: held; `scontrol release 4242` lets it start",
+                     "log:         /logs/4242.out"]
+    unseen = held.replace("Reason=JobHeldUser", "Reason=None")
+    assert field(status.job_lines(run_dir, job, slurm_queries.parse_record(unseen)), "reason") == \
+        "none yet (the scheduler has not looked at the job)"
+
+
+def test_a_job_launch_cancelled_says_why(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+    job = {"job_id": "4242", "stdout": "/logs/4242.out",
+           "never_starts": {"reason": "PartitionConfig", "problem": "slurm.cpus_per_task=8 but ..."}}
+    cancelled = COMPLETED_RECORD.replace("JobState=COMPLETED Reason=None", "JobState=CANCELLED Reason=PartitionConfig")
+    lines = status.job_lines(run_dir, job, slurm_queries.parse_record(cancelled))
+    assert field(lines, "reason") == ("PartitionConfig, could never start: slurm.cpus_per_task=8 but ... "
+                                      "(cancelled by `launch slurm`)")
+    assert field(status.job_lines(run_dir, job, {}), "job") == "4242 (unknown (no longer known to Slurm); requeued 0x)"
 
 
 def test_a_run_without_metrics(tmp_path):

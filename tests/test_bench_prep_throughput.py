@@ -1,4 +1,4 @@
-"""benchmarks/data_prep.py end to end on a tiny set: sources made, both data-prep jobs timed."""
+"""benchmarks/prep_throughput.py end to end on a tiny set: sources made, both data-prep jobs timed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import REPO
 
-SCRIPT = REPO / "benchmarks" / "data_prep.py"
+SCRIPT = REPO / "benchmarks" / "prep_throughput.py"
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
@@ -35,11 +35,12 @@ def test_images_and_reshard_rows(tmp_path):
     assert [row["job"] for row in rows] == ["images", "reshard"]
     for row in rows:
         assert row["images"] == 8 and row["img_s"] > 0 and row["img_s_per_core"] > 0
-        assert row["cpu_s"] > 0 and "--workers 1" in row["command"]
+        assert row["cpu_s"] > 0 and row["startup_cpu_s"] > 0 and "--workers 1" in row["command"]
+        assert "img_s_per_core_after_startup" in row
 
 
 def test_missing_img2dataset_is_a_one_line_error(tmp_path):
     done = bench("--images", "2", "--min-side", "20", "--max-side", "30", "--jobs", "img2dataset",
                  "--img2dataset", str(tmp_path / "absent"), "--out", str(tmp_path / "rows.jsonl"))
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("data_prep.py: error: img2dataset not found")
+    assert done.stderr.strip().splitlines()[-1].startswith("prep_throughput.py: error: img2dataset not found")

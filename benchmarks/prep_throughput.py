@@ -22,13 +22,15 @@ shorter side, each as a subprocess:
 
 ``images/s per core`` is images written per CPU-second of the job's processes (user + system
 time of the subprocess and its children, from ``getrusage``), so threads (img2dataset's
-downloads, OpenCV) and idle waits count for what they cost; the HTTP server's CPU is this
-process's and is not counted. ``images/s`` is wall-clock. img2dataset is run from ``--img2dataset``
+downloads, OpenCV) count for what they cost and waits for a busy machine's cores do not; the
+HTTP server's CPU is this process's and is not counted. Each job is also run once on a single
+image first: its CPU time there (``startup_cpu_s``: interpreter, imports, pools) is recorded, and
+``img_s_per_core_after_startup`` divides by the CPU time less it. ``images/s`` is wall-clock. img2dataset is run from ``--img2dataset``
 (default: ``img2dataset`` on PATH); it pins webdataset < 1, so install it in its own virtual
 environment (``python -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset``). Rows are
-printed and appended to ``--out`` (default docs/benchmarks/data_prep_<hostname>.jsonl)::
+printed and appended to ``--out`` (default docs/benchmarks/prep_throughput_<hostname>.jsonl)::
 
-    OMP_NUM_THREADS=1 python benchmarks/data_prep.py --images 1000 --img2dataset /tmp/i2d/bin/img2dataset
+    OMP_NUM_THREADS=1 python benchmarks/prep_throughput.py --images 1000 --img2dataset /tmp/i2d/bin/img2dataset
 """
 
 from __future__ import annotations
@@ -143,14 +145,7 @@ def written(out: Path) -> int:
     return sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
 
 
-def run(args, work: Path) -> list[dict]:
-    images, source = work / "images", work / "source"
-    started = time.perf_counter()
-    make_images(images, photographs(args.src), args.images, args.seed, args.min_side, args.max_side)
-    pack_shards(images, source, args.samples_per_shard)
-    megapixels = sum(Image.open(p).size[0] * Image.open(p).size[1] for p in images.glob("*.jpg")) / 1e6
-    print(f"{args.images} JPEGs ({megapixels / args.images:.2f} Mpx each on average) made in "
-          f"{time.perf_counter() - started:.1f} s ({work})")
+def commands_for(args, work: Path, images: Path, source: Path, urls_base: str | None) -> dict:
     python = [sys.executable, "-m", "data_prep.cli"]
     common = ["--size", str(args.size), "--format", "jpg", "--quality", "95", "--workers", "1",
               "--samples-per-shard", str(args.samples_per_shard)]
@@ -158,43 +153,63 @@ def run(args, work: Path) -> list[dict]:
         "images": python + ["images", str(images), str(work / "out-images")] + common,
         "reshard": python + ["reshard", str(source), str(work / "out-reshard")] + common,
     }
-    server = None
-    if "img2dataset" in args.jobs:
-        executable = args.img2dataset or shutil.which("img2dataset")
-        if executable is None or not Path(executable).exists():
-            raise UserError("img2dataset not found: install it in its own environment "
-                            "(python -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset) "
-                            "and pass --img2dataset /tmp/i2d/bin/img2dataset, or leave it out "
-                            "with --jobs images,reshard")
-        server = serve(images)
+    if urls_base is not None:
         urls = work / "urls.txt"
-        port = server.server_address[1]
-        urls.write_text("".join(f"http://127.0.0.1:{port}/{p.name}\n" for p in sorted(images.glob("*.jpg"))))
+        urls.write_text("".join(f"{urls_base}/{p.relative_to(images.parent).as_posix()}\n"
+                                for p in sorted(images.glob("*.jpg"))))
         commands["img2dataset"] = [
-            executable, "--url_list", str(urls), "--input_format", "txt", "--output_format",
-            "webdataset", "--output_folder", str(work / "out-img2dataset"), "--image_size",
-            str(args.size), "--resize_mode", "center_crop", "--encode_quality", "95",
-            "--processes_count", "1", "--thread_count", "16", "--extract_exif", "False",
+            args.img2dataset_path, "--url_list", str(urls), "--input_format", "txt",
+            "--output_format", "webdataset", "--output_folder", str(work / "out-img2dataset"),
+            "--image_size", str(args.size), "--resize_mode", "center_crop", "--encode_quality",
+            "95", "--processes_count", "1", "--thread_count", "16", "--extract_exif", "False",
             "--compute_hash", "None", "--number_sample_per_shard", str(args.samples_per_shard),
             "--timeout", "30", "--retries", "0", "--enable_wandb", "False",
         ]
+    return commands
+
+
+def run(args, work: Path) -> list[dict]:
+    images, source = work / "images", work / "source"
+    started = time.perf_counter()
+    make_images(images, photographs(args.src), args.images, args.seed, args.min_side, args.max_side)
+    pack_shards(images, source, args.samples_per_shard)
+    one = work / "startup"  # one image, to measure what a job costs before its first image
+    (one / "images").mkdir(parents=True)
+    shutil.copy(sorted(images.glob("*.jpg"))[0], one / "images")
+    pack_shards(one / "images", one / "source", args.samples_per_shard)
+    megapixels = sum(Image.open(p).size[0] * Image.open(p).size[1] for p in images.glob("*.jpg")) / 1e6
+    print(f"{args.images} JPEGs ({megapixels / args.images:.2f} Mpx each on average) made in "
+          f"{time.perf_counter() - started:.1f} s ({work})")
+    server = None
+    urls_base = None
+    if "img2dataset" in args.jobs:
+        server = serve(work)
+        urls_base = f"http://127.0.0.1:{server.server_address[1]}"
+    commands = commands_for(args, work, images, source, urls_base)
+    startup = commands_for(args, one, one / "images", one / "source",
+                           urls_base and f"{urls_base}/startup")
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": socket.gethostname() or "cpu", "cpus": len(os.sched_getaffinity(0)),
             "source_images": args.images, "min_side": args.min_side, "max_side": args.max_side,
             "mean_megapixels": round(megapixels / args.images, 3), "size": args.size}
     rows = []
-    print(f"{'job':<12} {'images':>6} {'wall s':>7} {'cpu s':>7} {'img/s':>7} {'img/s/core':>10} {'load1':>5}")
+    print(f"{'job':<12} {'images':>6} {'wall s':>7} {'cpu s':>7} {'start s':>7} {'img/s':>7} "
+          f"{'img/s/core':>10} {'(-start)':>8} {'load1':>5}")
     try:
         for job in args.jobs:
+            _, startup_cpu, _ = timed(startup[job])
             load_1min = os.getloadavg()[0]
             wall, cpu, _ = timed(commands[job])
             count = written(work / f"out-{job}")
             row = {"job": job, "images": count, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                   "img_s": round(count / wall, 1), "img_s_per_core": round(count / cpu, 1),
+                   "startup_cpu_s": round(startup_cpu, 2), "img_s": round(count / wall, 1),
+                   "img_s_per_core": round(count / cpu, 1),
+                   "img_s_per_core_after_startup": round(count / max(cpu - startup_cpu, 1e-9), 1),
                    "load_1min": round(load_1min, 2), "command": " ".join(commands[job]), **info}
             rows.append(row)
-            print(f"{job:<12} {count:>6} {wall:>7.1f} {cpu:>7.1f} {row['img_s']:>7.1f} "
-                  f"{row['img_s_per_core']:>10.1f} {load_1min:>5.2f}", flush=True)
+            print(f"{job:<12} {count:>6} {wall:>7.1f} {cpu:>7.1f} {startup_cpu:>7.1f} "
+                  f"{row['img_s']:>7.1f} {row['img_s_per_core']:>10.1f} "
+                  f"{row['img_s_per_core_after_startup']:>8.1f} {load_1min:>5.2f}", flush=True)
     finally:
         if server is not None:
             server.shutdown()
@@ -222,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                         "default: a temporary directory, removed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON lines appended here "
-                        "(default docs/benchmarks/data_prep_<hostname>.jsonl)")
+                        "(default docs/benchmarks/prep_throughput_<hostname>.jsonl)")
     args = parser.parse_args(argv)
     for name in ("images", "min_side", "max_side", "size", "samples_per_shard"):
         if getattr(args, name) < 1:
@@ -231,14 +246,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--min-side is more than --max-side")
     if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
         parser.error(f"--workdir {args.workdir} is not empty")
-    out = args.out or REPO / "docs" / "benchmarks" / f"data_prep_{socket.gethostname() or 'cpu'}.jsonl"
+    args.img2dataset_path = args.img2dataset or shutil.which("img2dataset")
+    if "img2dataset" in args.jobs and (args.img2dataset_path is None
+                                       or not Path(args.img2dataset_path).exists()):
+        print("prep_throughput.py: error: img2dataset not found: install it in its own environment "
+              "(python -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset) and pass "
+              "--img2dataset /tmp/i2d/bin/img2dataset, or leave it out with --jobs images,reshard",
+              file=sys.stderr)
+        return UserError.exit_code
+    out = args.out or REPO / "docs" / "benchmarks" / f"prep_throughput_{socket.gethostname() or 'cpu'}.jsonl"
     try:
         with tempfile.TemporaryDirectory(prefix="bench-data-prep-") as temporary:
             work = args.workdir or Path(temporary)
             work.mkdir(parents=True, exist_ok=True)
             rows = run(args, work)
     except UserError as exc:
-        print(f"data_prep.py: error: {exc}", file=sys.stderr)
+        print(f"prep_throughput.py: error: {exc}", file=sys.stderr)
         return UserError.exit_code
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as handle:

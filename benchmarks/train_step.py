@@ -24,9 +24,9 @@ once and already on the device (the data path is benchmarked by benchmarks/loade
   (fused on CUDA, as the issue's baseline), ``EMAModel.step`` (the example's EMA: decay 0.9999
   with warm-up, inv_gamma 1, power 3/4; with ``foreach=True``, its fast path). Compiled mode is
   ``torch.compile(unet, mode=--compile-mode)``.
-- ``ours``: `OurTrainStep`, the trainer's single-process step (pipeline/trainer.py
-  ``train_step``) on uint8 batches: ``model.loss`` under bf16 autocast, backward, the trainer's
-  own ``pipeline.optim.clip_and_step`` (clip, AdamW skipping non-finite steps on the device via
+- ``ours``: `OurTrainStep`, the trainer's own ``TrainStep`` (pipeline/train_step.py) through
+  its DDP strategy on one process, on uint8 batches: ``model.loss`` under bf16 autocast, backward,
+  ``pipeline.optim.clip_and_step`` (clip, AdamW skipping non-finite steps on the device via
   ``found_inf``), ``pipeline.ema.EMA``, the device-side metric sums. Compiled mode compiles what the trainer's
   ``train.compile`` compiles: the model's loss forward (noise sampling, q_sample, network, MSE),
   ``fullgraph=True``. ``--channels-last`` puts its weights and batch in NHWC (as
@@ -80,8 +80,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusers_baseline import (check_same_outputs, copy_weights, diffusers_unet_for,
                                 import_diffusers, no_tf32)
 from pipeline import config as config_module, models, optim
+from pipeline.distributed import Processes
 from pipeline.ema import EMA
-from pipeline.trainer import add_step_metrics
+from pipeline.faults import Faults
+from pipeline.strategies.ddp import DDPStrategy
+from pipeline.train_step import MetricWindow, Progress, TrainStep
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,46 +112,37 @@ H100_BF16_PEAK_TFLOPS = 800.0
 
 
 class OurTrainStep:
-    """One optimizer step of our trainer on one process (``Trainer.train_step`` with grad_accum 1,
-    a constant learning rate and data already on the device).
+    """The trainer's own step (`pipeline.train_step.TrainStep`, through the DDP strategy on one
+    process: grad_accum 1, a constant learning rate), fed one batch already on the device per call.
 
-    Built once from (model, optimizer, ema, grad_clip, device, autocast dtype); called with a
-    uint8 batch; returns the detached loss. ``model`` is what the trainer calls (the
-    DiffusionModel, or its torch.compile wrapper). The optimizer half is the trainer's own
-    (`pipeline.optim.clip_and_step`).
+    ``compiled`` compiles exactly as the trainer does (``train.compile`` in the strategy); the
+    returned loss is the step's detached loss on the device.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA,
-                 grad_clip: float | None, device: torch.device,
-                 autocast_dtype: torch.dtype | None):
-        self.model = model
-        self.parameters = list(model.parameters())
-        self.optimizer = optimizer
-        self.ema = ema
-        self.grad_clip = grad_clip
-        self.device = device
-        self.autocast_dtype = autocast_dtype
-        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-        self.images_seen = 0
-        self.sums: dict[str, torch.Tensor] = {}
-        self.bad_streak = torch.zeros((), dtype=torch.int64, device=device)
-        self.bad_total = torch.zeros((), dtype=torch.int64, device=device)
+    def __init__(self, config, model: torch.nn.Module, device: torch.device,
+                 autocast_dtype: torch.dtype | None, compiled: bool = False,
+                 compile_mode: str = "default", channels_last: bool = False):
+        precision = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
+        train = config.train.model_copy(update={
+            "mixed_precision": precision, "compile": compiled, "compile_mode": compile_mode,
+            "channels_last": channels_last, "grad_accum": 1, "warmup_steps": 0, "lr_schedule": "constant",
+        })
+        self.strategy = DDPStrategy(config.model_copy(update={"train": train}))
+        self.strategy.processes = Processes(rank=0, world_size=1, local_rank=0, device=device)
+        self.strategy.wrap(model, build_model=None, faults=Faults())
+        self.parameters = self.strategy.parameters
+        self.ema = EMA(model, train.ema_halflife_images or 1e6, train.ema_rampup_ratio)
+        self.progress, self.window = Progress(), MetricWindow(device)
+        self._batch: torch.Tensor | None = None
+        self.step = TrainStep(self.strategy, self, train, global_batch=0, ema=self.ema)
+
+    def __next__(self) -> torch.Tensor:  # the step's batch source
+        return self._batch
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else contextlib.nullcontext())
-        with autocast:
-            loss, metrics = self.model(batch)
-        self.scaler.scale(loss).backward()
-        grad_norm, bad = optim.clip_and_step(self.optimizer, self.parameters, self.grad_clip,
-                                             self.scaler)
-        self.images_seen += batch.shape[0]
-        self.ema.update(self.model, batch.shape[0], self.images_seen)
-        values = {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in metrics.items()}}
-        add_step_metrics(self.sums, values, grad_norm, bad)
-        self.bad_streak = (self.bad_streak + 1) * bad
-        self.bad_total = self.bad_total + bad
-        return loss.detach()
+        self._batch = batch
+        self.step.global_batch = batch.shape[0]
+        return self.step(self.progress, self.window)["loss"]
 
 
 class DiffusersTrainStep:
@@ -229,10 +223,8 @@ def build_ours(config, batch: int, compiled: bool, args, device: torch.device):
     parameters = list(model.parameters())
     with torch.autocast(device.type, dtype=AUTOCAST_DTYPE):
         flops = training_flops_per_image(lambda x: model.loss(x)[0], images[:2], parameters)
-    ema = EMA(model, config.train.ema_halflife_images, config.train.ema_rampup_ratio)
-    optimizer = optim.make_adamw(parameters, config.train, config.train.lr, device.type)
-    trained = torch.compile(model, mode=args.compile_mode, fullgraph=True) if compiled else model
-    step = OurTrainStep(trained, optimizer, ema, config.train.grad_clip, device, AUTOCAST_DTYPE)
+    step = OurTrainStep(config, model, device, AUTOCAST_DTYPE, compiled=compiled,
+                        compile_mode=args.compile_mode, channels_last=args.channels_last)
     return step, images, sum(p.numel() for p in parameters), flops
 
 
@@ -328,10 +320,7 @@ def loss_check(network: str, config, batch: int, steps: int, device: torch.devic
         torch.manual_seed(config.seed)
         with torch.device(device):
             model = models.build(config.model, image_size, channels)
-        ema = EMA(model, config.train.ema_halflife_images, config.train.ema_rampup_ratio)
-        step = OurTrainStep(model, optim.make_adamw(model.parameters(), config.train,
-                                                 config.train.lr, device.type), ema,
-                            config.train.grad_clip, device, dtype)
+        step = OurTrainStep(config, model, device, dtype)
         losses = []
         with no_tf32() if dtype is None else contextlib.nullcontext():
             for index in range(steps):
@@ -339,7 +328,7 @@ def loss_check(network: str, config, batch: int, steps: int, device: torch.devic
                 torch.manual_seed(config.seed + 1 + index)  # same t, noise, dropout in both runs
                 losses.append(step(images))
         curves[precision] = torch.stack(losses).float().cpu()
-        del model, ema, step
+        del model, step
         release(device)
     window = max(2, steps // 4)
     fp32, bf16 = curves["fp32"][-window:], curves["bf16"][-window:]

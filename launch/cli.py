@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline import cliargs
@@ -34,7 +35,7 @@ def _eval(args) -> int:
     return launch_eval(args)
 
 def _export(args) -> int:
-    from launch.export import export_weights
+    from launch.weights import export_weights
 
     print(export_weights(args.run_dir, args.out, args.ema, args.checkpoint))
     return 0
@@ -78,12 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", default=None, help="a specific checkpoint directory")
     export.set_defaults(func=_export)
 
-    try:
-        from launch import slurm
-    except ImportError:
-        slurm = None
-    if slurm is not None and hasattr(slurm, "add_commands"):
-        slurm.add_commands(commands)
+    from launch import slurm, status
+
+    slurm.add_commands(commands)
+    status.add_command(commands)  # any run directory, Slurm or not
     return parser
 
 
@@ -97,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `launch status RUN | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def _check_arguments(args) -> None:
 
 
 def _choose_checkpoint(run_dir: str, checkpoint_path: str | None) -> Path:
-    from launch.sample import load_run_config
+    from launch.weights import load_run_config
     from pipeline import checkpoint
 
     load_run_config(run_dir)  # a clear error for a path that is not a run directory
@@ -105,7 +105,7 @@ def evaluate_run(args) -> dict | None:
     """Evaluate in this process (one of WORLD_SIZE); the result on rank 0, None on the others."""
     import torch
 
-    from launch.sample import load_model
+    from launch.weights import load_model
     from pipeline.data import check_shards_match, resolve_shards
     from pipeline.evaluate import held_out_bits_per_dim
 

@@ -50,8 +50,9 @@ def preflight(config: RunConfig, nproc: int) -> None:
     # surface here, before any process starts; the meta device allocates nothing.
     import torch
 
-    from pipeline import models
+    from pipeline import models, strategies
 
+    strategies.build(config)  # what the strategy cannot do with this config (nothing started)
     with torch.device("meta"):
         models.build(config.model, data.image_size, data.channels)
     run_dir = Path(config.run_dir)

@@ -52,6 +52,7 @@ from launch import slurm_queries as queries
 from launch.slurm_queries import ACTIVE_STATES, JOB_FILE, SUBMITIT_FOLDER, exit_status, job_state, read_job
 from pipeline import preemption
 from pipeline.errors import UserError
+from pipeline.rundir import RunDir
 
 EVENTS_FILE = "events.jsonl"
 """One JSON line per job-side event (start, stop, requeue), with wall-clock times."""
@@ -315,20 +316,9 @@ def wait(run_dir: Path, job_id: str, poll_s: float = 10.0, out: TextIO = sys.std
 
 
 def read_progress(run_dir: Path) -> dict[str, Any]:
-    """Step, images seen and throughput from the last line of metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    last: dict[str, Any] = {}
-    with path.open() as lines:
-        for line in lines:
-            line = line.strip()
-            if line:
-                try:
-                    last = json.loads(line)
-                except json.JSONDecodeError:
-                    pass  # a line being written
-    return last
+    """Step, images seen and throughput from the last record of metrics.jsonl."""
+    records = RunDir(run_dir).metrics()
+    return records[-1] if records else {}
 
 
 def cancel(run_dir: Path) -> str:
@@ -481,7 +471,7 @@ def _now() -> str:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register the ``slurm``, ``status`` (launch/status.py) and ``cancel`` subcommands."""
+    """Register the ``slurm`` and ``cancel`` subcommands."""
     slurm = subparsers.add_parser(
         "slurm",
         help="submit a training job to Slurm (multi-node, requeued on preemption)",
@@ -500,10 +490,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        "limits and nodes (sinfo, scontrol); Slurm's own verdict still counts")
     slurm.add_argument("--poll-s", type=float, default=10.0, help=argparse.SUPPRESS)
     slurm.set_defaults(func=_cmd_slurm)
-
-    from launch import status  # `launch status` reads any run directory, Slurm or not
-
-    status.add_command(subparsers)
 
     cancel_parser = subparsers.add_parser(
         "cancel", help="cancel a run's Slurm job (it saves a checkpoint first; not requeued)")

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.files import atomic_write
+
 SUBMITIT_FOLDER = "slurm"
 """Submitit's folder (sbatch script, pickles, per-task logs) inside the run directory."""
 JOB_FILE = "job.json"
@@ -681,9 +683,7 @@ def read_job(run_dir: Path) -> dict[str, Any] | None:
 
 def write_json(path: Path, data: dict) -> None:
     """Write a small JSON file whole (readers never see half of one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_requeues(run_dir: Path, job_id: str) -> int:

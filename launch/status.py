@@ -11,7 +11,6 @@ bits/dim curves and the newest sample grid into one PNG (matplotlib, the ``dev``
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from launch import slurm_queries as queries
 from pipeline.errors import UserError
+from pipeline.rundir import RunDir
 
 LABEL_WIDTH = 13
 
@@ -47,18 +47,10 @@ class RunProgress:
 
 def read_metrics(run_dir: Path) -> RunProgress:
     progress = RunProgress()
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return progress
-    with path.open() as lines:
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line being written
-            progress.records.append(record)
-            if "loss" in record:
-                progress.train.append(record)
+    for record in RunDir(run_dir).metrics():
+        progress.records.append(record)
+        if "loss" in record:
+            progress.train.append(record)
     return progress
 
 
@@ -73,12 +65,9 @@ def _max_steps(run_dir: Path) -> int | None:
 
 
 def last_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint (one with a manifest) and its manifest."""
-    folder = Path(run_dir) / "checkpoints"
-    complete = sorted(p for p in folder.glob("step-*") if (p / "manifest.json").is_file())
-    if not complete:
-        return None
-    return complete[-1], json.loads((complete[-1] / "manifest.json").read_text())
+    """The newest intact checkpoint and its manifest: the one a relaunch resumes from and
+    ``launch sample`` loads (every file's size and hash checked; damaged newer ones skipped)."""
+    return RunDir(run_dir).latest_checkpoint(warn=lambda message: None)
 
 
 def latest_samples(run_dir: Path) -> Path | None:

@@ -53,10 +53,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "genpipe-checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
 
-# Test hook: the last rank stops for an hour after writing its files of this step, before the
-# commit, so a test can kill the job in the middle of a checkpoint write.
-PAUSE_IN_SAVE_ENV = "GENPIPE_PAUSE_IN_SAVE"
-
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
@@ -181,13 +177,6 @@ def prepare_staging(run_dir: str | os.PathLike, step: int) -> Path:
 def write_files(staging: Path, files: dict[str, bytes]) -> dict[str, dict]:
     """Every rank: write its encoded files; returns {name: {bytes, sha256}} for the manifest."""
     return {name: _write_durable(staging / name, data) for name, data in files.items()}
-
-
-def pause_for_tests(step: int, rank: int, world_size: int) -> None:
-    """The PAUSE_IN_SAVE_ENV hook (no effect unless that variable names this step)."""
-    if rank == world_size - 1 and os.environ.get(PAUSE_IN_SAVE_ENV) == str(step):
-        log.warning("%s=%d: pausing inside the checkpoint write", PAUSE_IN_SAVE_ENV, step)
-        time.sleep(3600)
 
 
 def commit(
@@ -368,8 +357,10 @@ class BackgroundWriter:
     a collective).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int):
+    def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int,
+                 pause: Callable[[int, int, int], None] | None = None):
         self.run_dir = Path(run_dir)
+        self.pause = pause  # fault injection (pipeline/faults.py): called between write and commit
         self.rank = rank
         self.world_size = world_size
         self.keep_last = keep_last
@@ -416,7 +407,8 @@ class BackgroundWriter:
         started = time.perf_counter()
         try:
             records: dict = write_files(staging_path(self.run_dir, step), encode_parts(parts))
-            pause_for_tests(step, self.rank, self.world_size)
+            if self.pause is not None:
+                self.pause(step, self.rank, self.world_size)
         except BaseException as exc:  # still take part in the exchange, or the others would hang
             records = {"__error__": f"rank {self.rank}: {type(exc).__name__}: {exc}"}
             self._error = exc

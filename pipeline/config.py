@@ -139,7 +139,10 @@ class SampleConfig(StrictModel):
     """Sample grids written during training."""
 
     every_steps: int = Field(default=1000, ge=0)
-    """Steps between sample grids (0: only at the end of training)."""
+    """Steps between sample grids during training (0: none during training)."""
+    at_end: bool = True
+    """Draw a grid when training finishes (after the final checkpoint; a stop signal during it
+    skips it). ``every_steps: 0`` with ``at_end: false`` draws no grids at all."""
     n: int = Field(default=64, ge=1)
     """Images per grid."""
     seed: int = 0
@@ -364,8 +367,11 @@ class RunConfig(StrictModel):
     def _check_cross_fields(self) -> "RunConfig":
         if self.eval.every_steps and self.data.eval_shards is None:
             raise ValueError("eval.every_steps is set but data.eval_shards is not")
-        if self.distributed.strategy == "deepspeed" and self.train.compile:
-            raise ValueError("train.compile is not supported with distributed.strategy: deepspeed")
+        if self.sample.options:
+            try:
+                models.check_sample_options(self.model.family, dict(self.sample.options))
+            except ValueError as exc:
+                raise ValueError(f"sample.options: {exc}") from None
         return self
 
 

@@ -156,7 +156,13 @@ def full_parameters(module: nn.Module, stage: int):
         yield
 
 
-def full_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def full_weights(engine) -> dict[str, torch.Tensor]:
+    """The fp32 model state_dict, whole, on every rank (parameters from the fp32 masters, not the
+    module's bf16/fp16 copies; buffers from the module). Collective: every rank calls it."""
+    return full_state(engine, moments=False)[0]
+
+
+def full_state(engine, moments: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(fp32 model state_dict, AdamW moments ``{moment}/{name}``), whole, on every rank.
 
     Collective: every rank calls it, in the same order. Parameters are the fp32 master copies,
@@ -167,18 +173,18 @@ def full_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]
     module = engine.module
     stage = engine.zero_optimization_stage()
     weights: dict[str, torch.Tensor] = {}
-    moments: dict[str, torch.Tensor] = {}
+    gathered: dict[str, torch.Tensor] = {}
     for name, parameter in module.named_parameters():
         weights[name] = safe_get_full_fp32_param(parameter).detach().float().cpu().clone()
-        for moment in MOMENTS:
+        for moment in MOMENTS if moments else ():
             value = safe_get_full_optimizer_state(parameter, moment)
             if value is not None:
-                moments[f"{moment}/{name}"] = value.detach().float().cpu().clone()
+                gathered[f"{moment}/{name}"] = value.detach().float().cpu().clone()
     with full_parameters(module, stage):
         for name, tensor in module.state_dict().items():
             if name not in weights:
                 weights[name] = tensor.detach().cpu().clone()
-    return weights, moments
+    return weights, gathered
 
 
 def optimizer_step_count(zero_optimizer) -> int:

@@ -21,6 +21,7 @@ manifest as ``fid_stats-<extractor id>.npz``, keyed by the shard list and the im
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -507,11 +509,11 @@ def load_cached_stats(path: Path | None, key: str) -> FeatureStats | None:
 def save_cached_stats(path: Path | None, key: str, stats: FeatureStats) -> None:
     if path is None:
         return
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), mean=stats.mean, cov=stats.cov, features=stats.features,
+             count=np.array(stats.count))
     try:
-        np.savez(temporary, key=np.array(key), mean=stats.mean, cov=stats.cov, features=stats.features,
-                 count=np.array(stats.count))
-        os.replace(temporary, path)
+        atomic_write(path, buffer.getvalue())
     except OSError as exc:  # a read-only data set: compute again next time
         log.warning("could not cache FID reference statistics at %s (%s)", path, exc)
         temporary.unlink(missing_ok=True)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.files import atomic_write
+
 
 def grid(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> np.ndarray:
     """uint8 [N, C, H, W] -> one uint8 [H', W', C] (or [H', W']) array, images in rows."""
@@ -39,9 +41,4 @@ def png_bytes(images: torch.Tensor, columns: int | None = None) -> bytes:
 
 def save_png(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> Path:
     """Write a grid PNG atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(png_bytes(images, columns))
-    os.replace(temporary, path)
-    return path
+    return atomic_write(path, png_bytes(images, columns))

@@ -4,17 +4,28 @@ Slurm (``--signal=USR2@N``, preemption), ``launch local`` (SIGTERM/SIGUSR1 forwa
 processes) and Ctrl-C all arrive here. Nothing is done inside the handler: the trainer polls
 `stop_requested` at step boundaries, all processes agree, save one checkpoint together and exit
 with `EXIT_PREEMPTED` so the launcher (or Slurm) knows a relaunch continues the run.
+
+The one exception is long work that is not training and can be dropped (a sample grid): inside
+`interruptible()` the handler also raises `StopRequested`, so a stop is honoured at once instead
+of minutes later when the grid is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from types import FrameType
+from typing import Iterator
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly, relaunching resumes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 _received: int | None = None
+_interruptible = False
+
+
+class StopRequested(Exception):
+    """Raised inside `interruptible()` when a stop signal arrives."""
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
@@ -23,6 +34,22 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         # A second Ctrl-C means now.
         raise KeyboardInterrupt
     _received = signum
+    if _interruptible:
+        raise StopRequested(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Work inside may be abandoned: a stop signal (already received, or arriving inside) raises
+    `StopRequested` here. The flag is recorded as usual, so the trainer still stops and saves."""
+    global _interruptible
+    if _received is not None:
+        raise StopRequested(received_signal_name())
+    _interruptible = True
+    try:
+        yield
+    finally:
+        _interruptible = False
 
 
 def install(signals: tuple[int, ...] = STOP_SIGNALS) -> None:

@@ -22,6 +22,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pipeline.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -49,9 +51,7 @@ class MetricsFile:
                     continue  # a line cut short by a kill
                 if record.get("step", 0) <= step:
                     kept.append(json.dumps(record))
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record) + "\n")

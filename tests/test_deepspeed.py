@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import faults
 from tests.conftest import REPO, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -78,7 +79,7 @@ def ddpm_ddp(digits_dir, tmp_path_factory):
 def ddpm_zero1_nan(digits_dir, tmp_path_factory):
     """ZeRO-1 with rank 0's loss NaN at step 4: skipped, counted, training goes on."""
     return _ok(_launch(DDPM, digits_dir, tmp_path_factory.mktemp("ddpm_z1"), STEPS,
-                       env={"GENPIPE_NAN_AT_STEPS": "4"}, **_deepspeed(1)))
+                       env=faults.env(nan_at_steps=[4]), **_deepspeed(1)))
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +188,8 @@ def test_export_loads_and_samples_without_deepspeed(ddpm_zero3, tmp_path):
 
 
 def test_pixelcnn_export_matches_its_checkpoint(pixelcnn_zero2, tmp_path):
-    from launch.export import load_weights_file, export_weights
-    from launch.sample import load_model
+    from launch.weights import load_weights_file, export_weights
+    from launch.weights import load_model
 
     first, _, _ = pixelcnn_zero2
     out = export_weights(str(first.run_dir), str(tmp_path / "pcnn.safetensors"), use_ema=False)
@@ -223,7 +224,7 @@ def test_repeated_nans_stop_the_run_with_its_checkpoint_intact(digits_dir, tmp_p
 
     run_dir = tmp_path / "nan_stop"
     result = _launch(
-        DDPM, digits_dir, run_dir, 10, env={"GENPIPE_NAN_AT_STEPS": ",".join(map(str, range(3, 11)))},
+        DDPM, digits_dir, run_dir, 10, env=faults.env(nan_at_steps=range(3, 11)),
         **{"train.max_bad_steps": 2, "checkpoint.every_steps": 2},
     )
     assert result.returncode == 3, result.stderr[-3000:]

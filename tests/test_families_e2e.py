@@ -72,7 +72,7 @@ def trained(digits_dir, tmp_path_factory):
 def untrained_bits_per_dim(run_dir: Path, max_images: int) -> float:
     """Held-out bits/dim of the run's model at initialisation (same seed, one data-dependent
     initialising forward in training mode, as the trainer's first step does), in this process."""
-    from launch.sample import load_run_config
+    from launch.weights import load_run_config
     from pipeline import models
     from pipeline.data import eval_batches, resolve_shards
     from pipeline.evaluate import held_out_bits_per_dim
@@ -141,7 +141,7 @@ def test_sample_grid(family, trained):
     if family == "pixelcnn":
         return  # another 1024 network passes; its uint8 contract is unit-tested in test_autoregressive
 
-    from launch.sample import load_model
+    from launch.weights import load_model
 
     model, _, config = load_model(run_dir)
     with torch.no_grad():

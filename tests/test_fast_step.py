@@ -2,8 +2,8 @@
 
 The compiled tests trace with the ``aot_eager`` backend (Dynamo's graph capture and AOT autograd,
 then the captured ATen graphs run eagerly): everything torch.compile does to our code except
-generating kernels, which takes minutes with Inductor on two CPU cores. ``GENPIPE_COMPILE_BACKEND``
-is the trainer's test hook for the same purpose.
+generating kernels, which takes minutes with Inductor on two CPU cores. The fault seam's
+``compile_backend`` (pipeline/faults.py) does the same inside the trainer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, tiny_overrides
-from pipeline import checkpoint, config as config_module, models, optim
+from pipeline import checkpoint, config as config_module, faults, models, optim
 from pipeline.models.unet import UNet
 
 TINY = "configs/tiny/ddpm.yaml"
@@ -155,7 +155,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_trainer_compiled_channels_last_trains_checkpoints_and_resumes(digits_dir, tmp_path):
-    env = {"GENPIPE_COMPILE_BACKEND": "aot_eager", "TORCH_LOGS": "recompiles"}
+    env = {**faults.env(compile_backend="aot_eager"), "TORCH_LOGS": "recompiles"}
     fast = {**SMALL, "train.compile": "true", "train.channels_last": "true"}
     run_dir = tmp_path / "fast"
     first = run_cli("launch", "local", TINY, *tiny_overrides(digits_dir, run_dir, **{**fast, "train.max_steps": 6}),
@@ -193,7 +193,7 @@ def test_two_process_compiled_training_keeps_ranks_identical(digits_dir, tmp_pat
     result = run_cli(
         "launch", "local", TINY, *tiny_overrides(digits_dir, run_dir, **{**SMALL, "train.compile": "true",
                                                                          "train.max_steps": 6}),
-        "--nproc", "2", env={"GENPIPE_COMPILE_BACKEND": "aot_eager"},
+        "--nproc", "2", env=faults.env(compile_backend="aot_eager"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ends = [_read_jsonl(run_dir / "ranks" / f"rank-{rank:05d}.jsonl")[-1] for rank in (0, 1)]

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint
+from pipeline import checkpoint, faults
 from pipeline.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
@@ -229,13 +229,21 @@ def reference(digits, tmp_path_factory) -> Path:
 # Tests
 
 
+def held(run_dir: Path) -> bool:
+    """Whether rank 0 is holding at a fault point (pipeline/faults.py), waiting for a signal."""
+    return (run_dir / "ranks" / "held-rank-00000").exists()
+
+
 def test_sigkill_at_random_moments_resumes_bit_exact(digits, reference, tmp_path):
+    # Each job holds after the step following its target, so a kill at a random moment after the
+    # target step was logged always lands before that hold: inside a step or a checkpoint, never
+    # after a job that a fast machine already finished.
     rng = random.Random(5)
     run_dir = tmp_path / "run"
     # 1: anywhere in a step, before or after the first checkpoints.
     target = rng.randint(2, 8)
     delay = round(rng.uniform(0.0, 0.5), 2)
-    job = Job(digits, run_dir)
+    job = Job(digits, run_dir, env=faults.env(hold_after_step=target + 1))
     job.wait_until(lambda: job.logged_step() >= target, f"step {target}")
     time.sleep(delay)
     job.kill()
@@ -244,7 +252,7 @@ def test_sigkill_at_random_moments_resumes_bit_exact(digits, reference, tmp_path
     # 2: in the middle of a checkpoint write: the last rank has written its files and pauses
     # before the commit; rank 0 waits for it.
     pause = EVERY * rng.randint(job.logged_step() // EVERY + 1, 5)
-    job = Job(digits, run_dir, env={checkpoint.PAUSE_IN_SAVE_ENV: str(pause)})
+    job = Job(digits, run_dir, env=faults.env(pause_in_save=pause))
     staging = checkpoint.staging_path(run_dir, pause)
     job.wait_until(lambda: (staging / checkpoint.rank_file(1, "safetensors")).exists(), f"the write of step {pause}")
     time.sleep(0.3)
@@ -256,7 +264,7 @@ def test_sigkill_at_random_moments_resumes_bit_exact(digits, reference, tmp_path
     # 3: later, anywhere.
     target = max(rng.randint(pause + 2, MAX_STEPS - 3), job.logged_step() + 1)
     delay = round(rng.uniform(0.0, 0.5), 2)
-    job = Job(digits, run_dir)
+    job = Job(digits, run_dir, env=faults.env(hold_after_step=target + 1))
     job.wait_until(lambda: job.logged_step() >= target, f"step {target}")
     time.sleep(delay)
     job.kill()
@@ -269,13 +277,16 @@ def test_sigkill_at_random_moments_resumes_bit_exact(digits, reference, tmp_path
 
 
 def test_sigterm_at_random_moments_resumes_bit_exact(digits, reference, tmp_path):
+    # The signal comes at a random moment after the target step was logged; the job holds after
+    # the next step until it arrives, so the stop lands at the target step or the one after, and
+    # never after a job that a fast machine already finished.
     rng = random.Random(7)
     run_dir = tmp_path / "run"
     low = 2
     for stop in (1, 2):
         target = rng.randint(low, low + 8)
         delay = round(rng.uniform(0.0, 0.5), 2)
-        job = Job(digits, run_dir)
+        job = Job(digits, run_dir, env=faults.env(hold_after_step=target + 1))
         job.wait_until(lambda: job.logged_step() >= target, f"step {target}")
         time.sleep(delay)
         job.terminate()
@@ -285,6 +296,7 @@ def test_sigterm_at_random_moments_resumes_bit_exact(digits, reference, tmp_path
         if code != EXIT_PREEMPTED:
             job.fail(f"a stop signal should end the job with {EXIT_PREEMPTED}, got {code}")
         assert saved == job.logged_step(), "the stop checkpoint is not at the last trained step"
+        assert saved in (target, target + 1)
         low = saved + 2
     finish(digits, run_dir)
     no_staging_or_partial(run_dir)
@@ -297,7 +309,7 @@ def test_async_save_is_atomic_and_resumes_bit_exact(digits, reference, tmp_path)
     # SIGKILL while a background write is in flight: the last rank's thread has written its files
     # and pauses; training goes on meanwhile (proving the save does not block it).
     pause = EVERY * rng.randint(1, 3)
-    job = Job(digits, run_dir, env={checkpoint.PAUSE_IN_SAVE_ENV: str(pause)}, **{"checkpoint.async_save": "true"})
+    job = Job(digits, run_dir, env=faults.env(pause_in_save=pause), **{"checkpoint.async_save": "true"})
     staging = checkpoint.staging_path(run_dir, pause)
     job.wait_until(
         lambda: (staging / checkpoint.rank_file(1, "safetensors")).exists() and job.logged_step() >= pause + 2,
@@ -310,15 +322,15 @@ def test_async_save_is_atomic_and_resumes_bit_exact(digits, reference, tmp_path)
 
     # SIGTERM with async saves on: the stop checkpoint is committed before the job exits.
     target = rng.randint(pause + 3, MAX_STEPS - 4)
-    job = Job(digits, run_dir, **{"checkpoint.async_save": "true"})
-    job.wait_until(lambda: job.logged_step() >= target, f"step {target}")
+    job = Job(digits, run_dir, env=faults.env(hold_after_step=target), **{"checkpoint.async_save": "true"})
+    job.wait_until(lambda: held(run_dir), f"the hold after step {target}")
     job.terminate()
     code = job.wait()
     saved = checkpoint.latest_valid(run_dir)[1]["step"]
-    print(f"SIGTERM: after step {target} was logged; stopped with {code} at step {saved}")
+    print(f"SIGTERM: held after step {target}; stopped with {code} at step {saved}")
     if code != EXIT_PREEMPTED:
         job.fail(f"a stop signal should end the job with {EXIT_PREEMPTED}, got {code}")
-    assert saved == job.logged_step()
+    assert saved == job.logged_step() == target
 
     job = finish(digits, run_dir, **{"checkpoint.async_save": "true"})
     assert "writing in the background" in job.output()

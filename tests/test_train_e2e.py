@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli, tiny_overrides
-from pipeline import checkpoint, config as config_module
+from pipeline import checkpoint, config as config_module, faults
 
 pytestmark = pytest.mark.slow
 
@@ -130,6 +130,9 @@ def has_metrics(run_dir: Path):
     return check
 
 
+HOLD_STEP = 3
+
+
 def stop_and_resume(digits_dir: Path, tmp_path: Path, nproc: int, **extra) -> dict:
     """Start a run, SIGTERM the launcher once a step is logged, check it stopped cleanly, relaunch."""
     run_dir = tmp_path / "run"
@@ -137,8 +140,10 @@ def stop_and_resume(digits_dir: Path, tmp_path: Path, nproc: int, **extra) -> di
                                                        "checkpoint.every_steps": 1000, **extra})]
     if nproc > 1:
         args += ["--nproc", str(nproc)]
-    first = Launch(args, tmp_path / "logs", "first")
-    first.wait_for(has_metrics(run_dir), "the first metrics line")
+    # The job holds after step 3 until the signal comes: the stop lands there however fast the
+    # machine is (without the hold, a fast machine could finish all 30 steps first).
+    first = Launch(args, tmp_path / "logs", "first", env=faults.env(hold_after_step=HOLD_STEP))
+    first.wait_for(lambda: (run_dir / "ranks" / "held-rank-00000").exists(), f"the hold after step {HOLD_STEP}")
     first.process.send_signal(signal.SIGTERM)
     code = first.wait()
     stderr = first.stderr
@@ -146,7 +151,7 @@ def stop_and_resume(digits_dir: Path, tmp_path: Path, nproc: int, **extra) -> di
     match = re.search(r"stop requested \(SIGTERM\): saving at step (\d+)", stderr)
     assert match, stderr[-6000:]
     stop_step = int(match.group(1))
-    assert 0 < stop_step < 30
+    assert stop_step == HOLD_STEP
     # The checkpoint of the stop step is complete and is what a relaunch will load.
     assert checkpoint_steps(run_dir)[-1] == stop_step
     found = checkpoint.latest_valid(run_dir)

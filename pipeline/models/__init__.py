@@ -7,7 +7,12 @@ discriminator) and a model class taking ``(config, image_size, channels)``.
 from __future__ import annotations
 
 import importlib
+import inspect
+import typing
 
+from pydantic import AfterValidator, ValidationError, create_model
+
+from pipeline.configbase import StrictModel
 from pipeline.models.base import GenerativeModel
 
 # family name -> (module, config class, model class); modules are imported on first use.
@@ -32,3 +37,52 @@ def build(config, image_size: int, channels: int) -> GenerativeModel:
     module_name, _, model_name = FAMILIES[config.family]
     model_class = getattr(importlib.import_module(module_name), model_name)
     return model_class(config, image_size=image_size, channels=channels)
+
+
+# Bounds that sampling options of these names have in every family: (lowest, inclusive).
+_OPTION_BOUNDS = {"steps": (0, False), "batch_size": (0, False), "temperature": (0, False), "eta": (0, True)}
+
+
+def _bounded(name: str):
+    lowest, inclusive = _OPTION_BOUNDS[name]
+
+    def check(value):
+        if value is not None and (value < lowest or (value == lowest and not inclusive)):
+            raise ValueError(f"must be {'at least' if inclusive else 'greater than'} {lowest}")
+        return value
+
+    return AfterValidator(check)
+
+
+def sample_options_model(family: str) -> type[StrictModel]:
+    """The typed sampling options of a family, read off its ``sample`` signature: every keyword
+    after ``(n, generator)`` with its annotation and default (unknown names are errors)."""
+    module_name, _, model_name = FAMILIES[family]
+    model_class = getattr(importlib.import_module(module_name), model_name)
+    hints = typing.get_type_hints(model_class.sample)
+    fields = {}
+    for name, parameter in list(inspect.signature(model_class.sample).parameters.items())[3:]:
+        if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+            continue
+        annotation = hints.get(name, typing.Any)
+        if name in _OPTION_BOUNDS:
+            annotation = typing.Annotated[annotation, _bounded(name)]
+        default = None if parameter.default is inspect.Parameter.empty else parameter.default
+        fields[name] = (annotation, default)
+    return create_model(f"{model_class.__name__}SampleOptions", __base__=StrictModel, **fields)
+
+
+def check_sample_options(family: str, options: dict) -> dict:
+    """``options`` validated against the family's sampling options; ValueError naming the option."""
+    model = sample_options_model(family)
+    try:
+        validated = model.model_validate(options)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        name = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            raise ValueError(f"unknown sampling option {name!r} for the {family} family "
+                             f"(options: {', '.join(model.model_fields) or 'none'})") from None
+        message = error["msg"].removeprefix("Value error, ")
+        raise ValueError(f"sampling option {name}: {message} (got {error.get('input')!r})") from None
+    return {name: getattr(validated, name) for name in options}

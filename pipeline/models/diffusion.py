@@ -458,7 +458,7 @@ class DiffusionModel(GenerativeModel):
         return loss, metrics
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, sampler: str | None = None,
+    def sample(self, n: int, generator: torch.Generator, sampler: Literal["ddpm", "ddim"] | None = None,
                steps: int | None = None, eta: float | None = None,
                batch_size: int | None = None) -> torch.Tensor:
         """n uint8 images; config defaults (sampler, sample_steps, ddim_eta) unless overridden.

@@ -1,0 +1,236 @@
+"""The trainer's checkpoints: what is saved, when, and how a run picks up from one.
+
+A checkpoint composes the training state's named parts (pipeline/checkpoint.py has the on-disk
+format: staged, hashed, renamed into place)::
+
+    model.safetensors, optimizer.*   the strategy's part (`Strategy.checkpoint_parts`)
+    ema.safetensors                  the EMA weights, when EMA is on
+    trainer.json                     progress (step, images seen), world size, family, strategy,
+                                     skipped-step total, and the strategy's fields (loss scale...)
+    rank-RRRRR.json / .safetensors   each process's random streams and data-stream position
+
+`Checkpointer.find` picks the newest intact checkpoint once (rank 0 verifies every hash; the others
+take its choice) and returns a `Resume`, which hands each part back in the order the trainer
+builds things (docs/architecture.md, "Starting a process"). `Checkpointer.save` is collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import checkpoint
+from pipeline.checkpoint import LoadedCheckpoint
+
+log = logging.getLogger("pipeline.trainer")
+
+
+# ---------------------------------------------------------------------------------------------
+# The process's random streams
+
+
+def seed_from(*numbers: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(numbers).encode()).digest()[:4], "little")
+
+
+def seed_process(seed: int, rank: int) -> None:
+    """Per-process randomness (noise, timesteps, dropout) from the run seed and the rank."""
+    process_seed = seed_from(seed, rank)
+    random.seed(process_seed)
+    np.random.seed(process_seed)
+    torch.manual_seed(process_seed)
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    plain = {
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{index}"] = state
+    return plain, tensors
+
+
+def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+class Resume:
+    """A chosen checkpoint, handed back part by part as the trainer builds each owner."""
+
+    def __init__(self, loaded: LoadedCheckpoint, processes, seed: int):
+        self.loaded = loaded
+        self.path = loaded.path
+        self.processes = processes
+        self.seed = seed
+        self.trainer_state = loaded.json("trainer.json")
+        self.step = int(self.trainer_state["step"])
+        self.saved_world_size = int(self.trainer_state["world_size"])
+
+    def restore_randomness_and_data(self) -> dict:
+        """Set this process's random streams; return the data loader's state.
+
+        Same process count: each rank's own streams and reader positions. Another count: the
+        weights, optimizer and step carry over; randomness is reseeded from the step, and every
+        reader starts the epoch after the furthest one any reader had reached (pipeline/data.py).
+        """
+        rank, world_size = self.processes.rank, self.processes.world_size
+        rank_json = checkpoint.rank_file(rank, "json")
+        if self.saved_world_size == world_size and self.loaded.has(rank_json):
+            rank_state = self.loaded.json(rank_json)
+            set_rng_state(rank_state["rng"], self.loaded.tensors(checkpoint.rank_file(rank, "safetensors")))
+            return rank_state["data"]
+        seed_process(self.seed + self.step, rank)
+        positions = {}
+        for saved_rank in range(self.saved_world_size):
+            name = checkpoint.rank_file(saved_rank, "json")
+            if self.loaded.has(name):
+                positions.update(self.loaded.json(name)["data"]["positions"])
+        if self.processes.is_main:
+            log.warning(
+                "resuming a %d-process checkpoint with %d processes: weights, optimizer and "
+                "step are restored; random streams are reseeded and the data stream restarts "
+                "(not the stream an uninterrupted run would have read)", self.saved_world_size, world_size
+            )
+        return {"num_readers": None, "positions": positions}
+
+    def restore_ema(self, ema, model: torch.nn.Module) -> None:
+        from pipeline.strategies.base import load_module_state
+
+        if self.loaded.has("ema.safetensors"):
+            load_module_state(ema.model, self.loaded.tensors("ema.safetensors"), self.path)
+        else:  # EMA switched on for a run that had none: start it from the weights
+            ema.model.load_state_dict(model.state_dict())
+
+    def restore_progress(self, progress, window) -> None:
+        progress.step = self.step
+        progress.images_seen = int(self.trainer_state["images_seen"])
+        window.load_state_dict(self.trainer_state)
+        if self.processes.is_main:
+            log.info("resumed from %s (step %d, %d images seen)", self.path, progress.step, progress.images_seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+class Checkpointer:
+    """Writes the training state every ``checkpoint.every_steps``, at the end and on a stop."""
+
+    def __init__(self, run_dir, config, processes, faults):
+        self.run_dir = run_dir
+        self.config = config
+        self.processes = processes
+        self.faults = faults
+        self.every = config.checkpoint.every_steps
+        self.max_steps = config.train.max_steps
+        self.last_saved_step = -1
+        self.state = None
+        self.writer = None
+
+    def find(self) -> Resume | None:
+        """The newest intact checkpoint of the run (collective: rank 0 chooses, verifying each
+        hash once; every file any rank reads later is checked against the manifest as read)."""
+        processes = self.processes
+        choice = None
+        if processes.is_main:
+            checkpoint.remove_staging(self.run_dir.path)
+            found = self.run_dir.latest_checkpoint()
+            choice = (str(found[0]), found[1]) if found else None
+        choice = processes.broadcast_object(choice)
+        if choice is None:
+            return None
+        resume = Resume(LoadedCheckpoint(Path(choice[0]), choice[1]), processes, self.config.seed)
+        self.last_saved_step = resume.step
+        return resume
+
+    def attach(self, progress, strategy, ema, window, batches) -> None:
+        """The owners of the state to save (all present once the trainer is built)."""
+        self.state = (progress, strategy, ema, window, batches)
+        if self.config.checkpoint.async_save:
+            self.writer = checkpoint.BackgroundWriter(
+                self.run_dir.path, self.processes.rank, self.processes.world_size,
+                self.config.checkpoint.keep_last, pause=self.faults.pause_in_checkpoint,
+            )
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.max_steps
+
+    def save(self, final: bool = False) -> None:
+        """All ranks together: stage, write, hash, commit, prune (pipeline/checkpoint.py).
+
+        With ``checkpoint.async_save`` the state is copied to host memory here and a background
+        thread writes it; the next save waits for that write first, and a ``final`` save (the end
+        of training, a stop signal) returns only when its checkpoint is committed.
+        """
+        progress, strategy, ema, window, batches = self.state
+        processes, run_dir = self.processes, self.run_dir.path
+        if self.writer is not None:
+            self.writer.wait()
+        if progress.step == self.last_saved_step:
+            return
+        window.check_health(self.config.train.max_bad_steps, progress.step, self.run_dir.newest_checkpoint_name())
+        started = time.perf_counter()
+        shared, fields = strategy.checkpoint_parts()  # collective for sharded strategies
+        if processes.is_main:
+            checkpoint.prepare_staging(run_dir, progress.step)
+        processes.barrier()
+        rng_plain, rng_tensors = rng_state()
+        parts = {
+            checkpoint.rank_file(processes.rank, "json"): ("json", {"rng": rng_plain, "data": batches.state_dict()}),
+            checkpoint.rank_file(processes.rank, "safetensors"): ("tensors", rng_tensors),
+        }
+        identity = {"family": self.config.model.family, **strategy.identity}
+        if processes.is_main:
+            parts.update(shared)
+            if ema is not None:
+                parts["ema.safetensors"] = ("tensors", ema.state_dict())
+            parts["trainer.json"] = ("json", {
+                "step": progress.step, "images_seen": progress.images_seen,
+                "world_size": processes.world_size, **identity, **window.state_dict(), **fields,
+            })
+        extra = {"world_size": processes.world_size, **identity}
+        self.last_saved_step = progress.step
+        if self.writer is not None:
+            self.writer.start(progress.step, progress.images_seen, parts, extra)
+            if processes.is_main:
+                log.info("checkpoint of step %d: state copied in %.2fs, writing in the background",
+                         progress.step, time.perf_counter() - started)
+            if final:
+                self.writer.wait()
+            return
+        records = checkpoint.write_files(checkpoint.staging_path(run_dir, progress.step), checkpoint.encode_parts(parts))
+        self.faults.pause_in_checkpoint(progress.step, processes.rank, processes.world_size)
+        gathered = processes.all_gather_objects(records)
+        if processes.is_main:
+            merged = {name: record for part in gathered for name, record in part.items()}
+            path = checkpoint.commit(run_dir, progress.step, progress.images_seen, merged,
+                                     self.config.checkpoint.keep_last, extra)
+            log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - started)
+        processes.barrier()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.wait()

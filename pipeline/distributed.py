@@ -1,0 +1,118 @@
+"""This process's place in the job, and the few collectives the trainer's components need.
+
+A training process reads its place from the torchrun-style environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT; absent means one process) that `launch local`, the Slurm
+entry point and torchrun all set. `Processes.start` creates the process group through
+Accelerate (gloo on CPUs, NCCL on GPUs unless ``distributed.backend`` says otherwise) and, on
+NCCL, a second gloo group for host-side agreement (the stop flag), which never waits for a GPU
+stream. Strategies (pipeline/strategies/) start it; nothing else creates a process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Processes:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    accelerator: Any = None
+    """The Accelerate `Accelerator` that created the group (DDP wraps through it)."""
+    control_group: Any = None
+    """A gloo group for host-side flags when the main backend is not gloo (None: the main group)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, distributed_config) -> "Processes":
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        backend = None if distributed_config.backend == "auto" else distributed_config.backend
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision="no",  # autocast and loss scaling are the strategy's, the same on CPU and GPU
+            kwargs_handlers=[
+                InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=distributed_config.timeout_minutes)),
+            ],
+        )
+        processes = cls(
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            local_rank=accelerator.local_process_index,
+            device=accelerator.device,
+            accelerator=accelerator,
+        )
+        configure_logging(processes.rank)
+        if processes.world_size > 1 and dist.get_backend() != "gloo":
+            processes.control_group = dist.new_group(backend="gloo")
+        return processes
+
+    @property
+    def backend(self) -> str:
+        if self.world_size > 1 and dist.is_initialized():
+            return dist.get_backend()
+        return "gloo" if self.device.type == "cpu" else "nccl"
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def any_flag(self, local: int) -> int:
+        """The largest of every process's ``local`` integer (host-side; collective)."""
+        if self.world_size == 1:
+            return local
+        flag = torch.tensor([int(local)], dtype=torch.int64)
+        if self.control_group is None and self.backend != "gloo":
+            flag = flag.to(self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
+        return int(flag.item())
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over processes of a device tensor (collective)."""
+        if self.world_size > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world_size
+        return values
+
+    def all_gather_objects(self, value: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def shutdown(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def configure_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    logging.basicConfig(level=level, format=f"{prefix}%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("accelerate", "wandb", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

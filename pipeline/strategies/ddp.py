@@ -1,0 +1,80 @@
+"""Data parallelism: every process holds the whole model and optimizer; gradients are all-reduced.
+
+Accelerate wraps the module in DistributedDataParallel (one process: the module itself);
+``train.compile`` compiles around the wrapper, so DDP's graph is split at its gradient buckets and
+the all-reduce overlaps the backward (DDPOptimizer); one process compiles one graph without
+breaks. The optimizer half of the step is `pipeline.optim` (fused AdamW with a device-side skip
+of non-finite steps on GPUs); fp16 adds torch's GradScaler. Checkpoint: the weights
+(``model.safetensors``) and the optimizer's state_dict (``optimizer.pt``, loaded with
+``weights_only``) from rank 0, which every rank holds identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from pipeline import optim
+from pipeline.strategies.base import Parts, Strategy
+
+
+class DDPStrategy(Strategy):
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"strategy": "ddp", "zero_stage": None}
+
+    def wrap(self, model, build_model, faults) -> None:
+        from pipeline.train_step import learning_rate
+
+        train = self.train
+        self.model = model
+        self.parameters = list(model.parameters())
+        self.optimizer = optim.make_adamw(model.parameters(), train, learning_rate(train, 0), self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.mixed_precision == "fp16")
+        accelerator = self.processes.accelerator
+        self.ddp_module = accelerator.prepare_model(model) if accelerator is not None else model
+        self.forward_module = self.ddp_module
+        if train.compile:
+            backend = faults.compile_backend or "inductor"
+            self.forward_module = torch.compile(
+                self.ddp_module,
+                fullgraph=self.processes.world_size == 1,
+                backend=backend,
+                mode=train.compile_mode if backend == "inductor" else None,
+            )
+
+    def load_state(self, loaded, trainer_state: dict) -> None:
+        self.optimizer.load_state_dict(loaded.torch_object("optimizer.pt"))
+        if trainer_state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(trainer_state["scaler"])
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward_backward(self, batch, last_micro: bool, make_nan: bool):
+        no_sync = getattr(self.ddp_module, "no_sync", None)
+        sync = contextlib.nullcontext() if last_micro or no_sync is None else no_sync()
+        with sync:
+            with self.autocast():
+                loss, metrics = self.forward_module(batch)
+            if make_nan:
+                loss = loss * float("nan")
+            self.scaler.scale(loss / self.train.grad_accum).backward()
+        return loss, metrics
+
+    def optimizer_step(self):
+        return optim.clip_and_step(self.optimizer, self.parameters, self.train.grad_clip, self.scaler)
+
+    def loss_scale(self) -> float | None:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
+
+    def checkpoint_parts(self) -> tuple[Parts, dict[str, Any]]:
+        parts: Parts = {
+            "model.safetensors": ("tensors", self.model.state_dict()),
+            "optimizer.pt": ("torch", self.optimizer.state_dict()),
+        }
+        fields = {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        return parts, fields

@@ -21,6 +21,15 @@ after resume is the stream the uninterrupted run would have read.
 When the number of readers changes between runs (other process count or worker count), exact
 positions cannot be carried over; the stream then restarts at the beginning of the epoch after
 the furthest one any reader had reached, with a warning.
+
+Per-sample randomness. An image stored at another size than ``image_size`` is cut to a square
+of it at load time (`pipeline.decode`); the place of a random crop and the horizontal flip are
+drawn from (seed, epoch, the sample's shard file name and key), so they follow the sample, not
+the reader: a resumed run, or one with another number of readers, treats every sample alike.
+
+Shard lists are resolved by `pipeline.shards` and shards opened by `pipeline.shard_io` (local
+files, ``pipe:`` commands, object stores and web servers); their public names are re-exported
+here.
 """
 
 from __future__ import annotations

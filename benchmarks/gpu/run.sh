@@ -24,7 +24,7 @@ case "$part" in
 check)
     python3 benchmarks/fusion_check.py --channels 256 | tee "$out/fusion_check.txt"
     python3 -m data_prep.cli digits /tmp/digits
-    GENPIPE_NAN_AT_STEPS=30,31 python3 -m launch.cli local configs/tiny/ddpm.yaml run_dir=/tmp/check \
+    GENPIPE_FAULTS="nan_at_steps=30,31" python3 -m launch.cli local configs/tiny/ddpm.yaml run_dir=/tmp/check \
         data.shards=/tmp/digits/train data.eval_shards=/tmp/digits/test wandb.mode=disabled \
         train.max_steps=200 train.log_every_steps=10 train.compile=true train.mixed_precision=bf16 \
         2>&1 | tail -40

@@ -11,7 +11,19 @@ environment, gloo) that each evaluate their share of the shards and all-reduce t
 checkpoint is chosen once, here, so every process loads the same one. Stochastic bounds (VAE,
 flow dequantisation, diffusion) draw their noise from a seed per process (``--seed``), so a
 result is reproducible for a given process count; the exact likelihood (autoregressive) does not
-depend on it.
+depend on it. ``bits_per_dim_stderr`` is the standard error of the mean over images (it includes
+any Monte-Carlo noise of the estimator, `pipeline.evaluate`).
+
+Diffusion's bound sums T terms per image, B * T network evaluations; ``--estimator`` chooses
+between that exact sum and an unbiased Monte-Carlo estimate per image from
+``--timesteps-per-image`` K timesteps (B * (K + 1)), stratified ("mc-stratified") or stratified
+in an importance proposal learnt over the pass ("mc-importance"); "auto" (the run's
+``model.vlb_estimator`` unless set) takes the exact sum only for a small pass
+(`pipeline.models.diffusion`). The JSON names the estimator used (``estimator``,
+``timesteps_per_image``).
+
+A progress bar with the time left (images done, and within a diffusion batch its parts) goes to
+stderr from rank 0; stdout carries the JSON only.
 
 ``--fid N`` also generates N images (shared out over the processes, seeded per process) and
 computes FID and KID against the same held-out shards with the run's ``eval`` settings
@@ -35,7 +47,9 @@ from pipeline.errors import UserError, one_line, rank_tag
 # torch, the data readers and the models are imported where used, so that building the
 # ``launch`` argument parser (which registers this command) stays quick.
 
-_EVAL_OPTIONS = ("iwae_samples",)
+# Options of one family's bits_per_dim: (command-line attribute, the family it applies to).
+_BITS_PER_DIM_OPTIONS = {"iwae_samples": "vae", "estimator": "diffusion",
+                         "timesteps_per_image": "diffusion"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=1, help="evaluation processes")
     parser.add_argument("--iwae-samples", type=int, default=None,
                         help="vae only: importance samples K of the IWAE bound (1: the ELBO)")
+    parser.add_argument("--estimator", choices=("auto", "exact", "mc-stratified", "mc-importance"),
+                        default=None,
+                        help="diffusion only: the exact bound over all T timesteps, an unbiased "
+                             "Monte-Carlo estimate of it, or auto (exact for a small pass, else "
+                             "mc-importance; default: the run's model.vlb_estimator)")
+    parser.add_argument("--timesteps-per-image", type=int, default=None, metavar="K",
+                        help="diffusion only: timesteps per image of the Monte-Carlo estimate "
+                             "(default: the run's model.vlb_timesteps_per_image)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="a progress bar on stderr (rank 0; default)")
     parser.add_argument("--checkpoint", default=None, help="a specific checkpoint directory")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bounds' noise")
     parser.add_argument("--device", default="auto",
@@ -66,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_arguments(args) -> None:
-    for name in ("max_images", "batch_size", "nproc", "iwae_samples"):
+    for name in ("max_images", "batch_size", "nproc", "iwae_samples", "timesteps_per_image"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
@@ -107,7 +131,6 @@ def evaluate_run(args) -> dict | None:
 
     from launch.weights import load_model
     from pipeline.data import check_shards_match, resolve_shards
-    from pipeline.evaluate import held_out_bits_per_dim
 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -119,10 +142,15 @@ def evaluate_run(args) -> dict | None:
 
     family = config.model.family
     options = {}
-    if args.iwae_samples is not None:
-        if family != "vae":
-            raise UserError(f"--iwae-samples applies to the vae family only (this run is {family})")
-        options["iwae_samples"] = args.iwae_samples
+    for name, applies_to in _BITS_PER_DIM_OPTIONS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if family != applies_to:
+            raise UserError(f"--{name.replace('_', '-')} applies to the {applies_to} family only "
+                            f"(this run is {family})")
+        options[name] = value
+    model.held_out_estimator(args.max_images, **options)  # a conflict fails here, before any bar
 
     data = config.data
     if args.shards is not None:
@@ -144,40 +172,69 @@ def evaluate_run(args) -> dict | None:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.manual_seed(_process_seed(args.seed, rank))
     autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.mixed_precision]
-    bits_per_dim, images = held_out_bits_per_dim(
-        model,
-        shards,
-        image_size=data.image_size,
-        channels=data.channels,
-        batch_size=args.batch_size or config.eval.batch_size or data.batch_size,
-        device=device,
-        rank=rank,
-        world_size=world_size,
-        num_workers=0,
-        max_images=args.max_images,
-        autocast_dtype=autocast_dtype,
-        **options,
-    )
+    likelihood = _bits_per_dim_report(args, model, config, shards, device, rank, world_size,
+                                      autocast_dtype, options)
     quality = None
     if args.fid is not None:
         quality = _fid_and_kid(args, extractor, model, config, shards, device, rank, world_size, autocast_dtype)
     if rank != 0:
         return None
     result = {
-        "bits_per_dim": bits_per_dim,
-        "kind": model.bits_per_dim_kind,
-        "images": images,
+        **likelihood,
         "step": int(manifest["step"]),
         "checkpoint": args.checkpoint,
         "shards": spec,
         "ema": used_ema,
         "family": family,
     }
-    if options:
-        result.update(options)
     if quality is not None:
         result.update(quality)
     return result
+
+
+def _bits_per_dim_report(args, model, config, shards, device, rank: int, world_size: int,
+                         autocast_dtype, options: dict) -> dict:
+    """Held-out bits/dim, its standard error and the estimator's options; every process calls
+    it (the sums are all-reduced). Rank 0 shows a progress bar on stderr."""
+    from pipeline.evaluate import held_out_evaluation, pass_images
+
+    data = config.data
+    bar = None
+    if args.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=pass_images(shards, rank=rank, world_size=world_size, max_images=args.max_images),
+                   desc="eval" if world_size == 1 else f"eval (rank 0 of {world_size})", unit="image",
+                   file=sys.stderr, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} images [{elapsed}<{remaining}]")
+    try:
+        result = held_out_evaluation(
+            model,
+            shards,
+            image_size=data.image_size,
+            channels=data.channels,
+            batch_size=args.batch_size or config.eval.batch_size or data.batch_size,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            num_workers=0,
+            max_images=args.max_images,
+            autocast_dtype=autocast_dtype,
+            progress=(lambda images: _advance(bar, images)) if bar is not None else None,
+            **options,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"bits_per_dim": result.bits_per_dim, "bits_per_dim_stderr": result.stderr,
+            "kind": model.bits_per_dim_kind, **result.options, "images": result.images}
+
+
+def _advance(bar, images: float) -> None:
+    """Move the bar on by ``images`` (fractions add up in floating point: never past the end)."""
+    if bar.total is not None:
+        images = min(images, bar.total - bar.n)
+    bar.update(images)
 
 
 def _fid_settings(args, config):
@@ -247,8 +304,10 @@ def launch_eval(args) -> int:
     from launch.local import _wait, free_port
 
     command = [sys.executable, "-m", "launch.evaluate", args.run_dir, "--checkpoint", args.checkpoint,
-               "--seed", str(args.seed), "--device", args.device, "--ema" if args.ema else "--no-ema"]
-    for name in ("shards", "max_images", "batch_size", "iwae_samples", "fid", "inception_weights", "fid_network"):
+               "--seed", str(args.seed), "--device", args.device, "--ema" if args.ema else "--no-ema",
+               "--progress" if args.progress else "--no-progress"]
+    for name in ("shards", "max_images", "batch_size", *_BITS_PER_DIM_OPTIONS, "fid", "inception_weights",
+                 "fid_network"):
         value = getattr(args, name)
         if value is not None:
             command += [f"--{name.replace('_', '-')}", str(value)]

@@ -291,6 +291,19 @@ def test_bound_does_not_depend_on_timestep_batch():
         torch.testing.assert_close(other, results[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("estimator", ["mc-stratified", "mc-importance"])
+def test_bound_estimate_does_not_depend_on_timestep_batch(estimator):
+    model = tiny_model(variance="fixed_small")
+    images = torch.randint(0, 256, (2, 3, 8, 8), generator=torch.Generator().manual_seed(3),
+                           dtype=torch.uint8)
+    results = [model.bits_per_dim(images, torch.Generator().manual_seed(0), timestep_batch=k,
+                                  estimator=estimator, timesteps_per_image=5) for k in (1, 4, 6)]
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-5, atol=1e-5)
+    exact = model.bits_per_dim(images, torch.Generator().manual_seed(0), estimator="exact")
+    assert not torch.allclose(results[0], exact)  # a different estimate of the same bound
+
+
 # ------------------------------------------------------------------------------------------ loss
 
 

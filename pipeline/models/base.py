@@ -8,8 +8,18 @@ Every family is an `nn.Module` with three methods, and the trainer calls nothing
 - ``sample(n, generator, **options) -> uint8 images [n, C, H, W]`` on the model's device. All
   randomness is drawn from ``generator`` (a CPU ``torch.Generator``) and then moved to the
   device, so the same weights and seed give the same images on any device.
-- ``bits_per_dim(x) -> [B] float tensor``: exact for exact-likelihood families, an upper bound
-  (``bits_per_dim_kind = "upper_bound"``) for the others.
+- ``bits_per_dim(x, **options) -> [B] float tensor``: exact for exact-likelihood families, an
+  upper bound (``bits_per_dim_kind = "upper_bound"``) for the others, or for a family whose bound
+  is itself too slow to sum (diffusion) an unbiased estimate of that bound per image. Options are
+  the family's own (the VAE's ``iwae_samples``, diffusion's ``estimator`` and
+  ``timesteps_per_image``).
+
+A held-out pass (`pipeline.evaluate`) calls ``held_out_estimator(images, **options)`` once and the
+`HeldOutEstimator` it returns on every batch. Its default calls ``bits_per_dim(x, **options)``; a
+family overrides it to make the choices that depend on the size of the pass once for the whole
+pass (diffusion: the exact bound or a Monte-Carlo estimate), to keep state between batches
+(diffusion: an importance proposal learnt from the batches before) and to report progress within
+a slow batch. Its ``options`` are JSON-serialisable and name what was computed; reports record them.
 
 Batches arrive as uint8 ``[B, C, H, W]`` tensors; each family converts them itself.
 ``forward`` is ``loss`` so that wrappers which hook ``forward`` (DDP, DeepSpeed) see the training
@@ -19,7 +29,7 @@ computation.
 from __future__ import annotations
 
 import abc
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -48,8 +58,34 @@ class GenerativeModel(nn.Module, abc.ABC):
         """n uint8 images [n, C, H, W] on the model's device, all noise drawn from generator."""
 
     @abc.abstractmethod
-    def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-image bits per dimension of a uint8 batch (exact or an upper bound)."""
+    def bits_per_dim(self, x: torch.Tensor, **options) -> torch.Tensor:
+        """Per-image bits per dimension of a uint8 batch (exact, an upper bound, or an unbiased
+        estimate of that bound per image)."""
+
+    def held_out_estimator(self, images: int | None, **options) -> "HeldOutEstimator":
+        """bits_per_dim for the batches of one held-out pass over ``images`` images (None when
+        unknown); the default calls ``bits_per_dim(x, **options)``."""
+        return HeldOutEstimator(self, dict(options))
+
+
+class HeldOutEstimator:
+    """Per-image bits/dim for the batches of one held-out pass (`GenerativeModel.held_out_estimator`).
+
+    ``options``: what ``bits_per_dim`` is called with, JSON-serialisable (reports record it).
+    ``__call__(x, progress)``: bits/dim [B] of a uint8 batch; ``progress(fraction)``, if given,
+    is called with fractions of the batch that add up to one by the time it returns.
+    """
+
+    def __init__(self, model: GenerativeModel, options: dict):
+        self.model = model
+        self.options = options
+
+    def __call__(self, x: torch.Tensor, progress: Callable[[float], None] | None = None
+                 ) -> torch.Tensor:
+        bits = self.model.bits_per_dim(x, **self.options)
+        if progress is not None:
+            progress(1.0)
+        return bits
 
 
 def to_unit_interval(x: torch.Tensor) -> torch.Tensor:

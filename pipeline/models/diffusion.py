@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.configbase import StrictModel
 from pipeline.errors import UserError
-from pipeline.models.base import GenerativeModel, to_uint8, to_unit_interval
+from pipeline.models.base import GenerativeModel, HeldOutEstimator, to_uint8, to_unit_interval
 from pipeline.models.unet import UNet
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -83,6 +83,15 @@ class DiffusionConfig(StrictModel):
     vlb_timestep_batch: int = Field(4, ge=1)
     """Timesteps evaluated in one network call by bits_per_dim: the network sees
     batch * vlb_timestep_batch images at once. Changes speed and memory, never the result."""
+    vlb_estimator: Literal["auto", "exact", "mc-stratified", "mc-importance"] = "auto"
+    """How bits_per_dim, eval/bits_per_dim and `launch eval` evaluate the bound: "exact" sums all
+    T terms (B * T network evaluations); "mc-stratified" and "mc-importance" estimate the middle
+    terms without bias from vlb_timesteps_per_image timesteps per image (B * (K + 1)), in
+    uniform strata or in strata of a proposal that starts at 1/t and is learnt over the pass
+    (`TimestepImportance`; far less noisy: the first timesteps hold much of the bound); "auto"
+    takes the exact sum when a pass's images * T is at most 20,000, else "mc-importance"."""
+    vlb_timesteps_per_image: int = Field(16, ge=1)
+    """Timesteps K per image of the Monte-Carlo estimates (at most T - 1 are used)."""
 
     @model_validator(mode="after")
     def _check(self) -> "DiffusionConfig":
@@ -352,43 +361,202 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor,
     return _log_ndtr_difference(upper, lower)
 
 
+BoundEstimator = Literal["exact", "mc-stratified", "mc-importance"]
+
+EXACT_BOUND_MAX_EVALUATIONS = 20_000
+"""``estimator="auto"`` takes the exact sum when images x T network evaluations are at most this
+many (20 images at T = 1000), and the importance-sampled Monte-Carlo estimate otherwise."""
+
+
+def prior_term(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
+    """L_T = KL(q(x_T | x_0) || N(0, I)) per image, in nats, float64 [B] (closed form)."""
+    last = torch.full((x0.shape[0],), schedule.timesteps - 1, device=x0.device, dtype=torch.long)
+    mean = _per_sample(schedule.sqrt_alpha_bar, last) * x0
+    log_var = torch.log(1 - _per_sample(schedule.alpha_bar, last))
+    return normal_kl(mean, log_var, torch.zeros_like(x0),
+                     torch.zeros_like(log_var)).sum(dim=(1, 2, 3)).double()
+
+
+def _bound_terms(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor,
+                 timesteps: torch.Tensor, generator: torch.Generator, *, timestep_batch: int,
+                 clip_denoised: bool, progress: Callable[[float], None] | None = None
+                 ) -> torch.Tensor:
+    """The bound's term at timesteps [J, B] (CPU, int64) per image: nats, float64 [J, B].
+
+    Column j holds one timestep per image. t = 0 gives the decoder's -log p_theta(x_0 | x_1)
+    (Ho et al. eq. 13), t >= 1 the KL of q(x_{t-1} | x_t, x_0) from p_theta(x_{t-1} | x_t)
+    (eq. 5); t = 0 must fill column 0 and nothing else, where the decoder is evaluated. x_t ~
+    q(x_t | x_0) is drawn from `generator` one column at a time, so `timestep_batch` (columns per
+    network call) changes nothing but speed and memory. `progress(fraction)` after each network
+    call, with the fraction of the J columns it did.
+    """
+    columns, batch = timesteps.shape
+    if not (timesteps[0] == 0).all() or (timesteps[1:] == 0).any():
+        raise ValueError("_bound_terms: t = 0 must fill column 0 and appear nowhere else")
+    timesteps = timesteps.to(x0.device)
+    terms = []
+    for start in range(0, columns, timestep_batch):
+        chunk = range(start, min(start + timestep_batch, columns))
+        noise = torch.cat([_noise_like(x0, generator) for _ in chunk])
+        t = timesteps[chunk.start:chunk.stop].reshape(-1)
+        x0_rep = x0.repeat(len(chunk), 1, 1, 1)
+        x_t = schedule.q_sample(x0_rep, t, noise)
+        mean, log_var, _ = schedule.p_mean_log_variance(eps_fn(x_t, t).float(), x_t, t,
+                                                        clip_denoised)
+        true_mean, true_log_var = schedule.q_posterior(x0_rep, x_t, t)
+        chunk_terms = normal_kl(true_mean, true_log_var, mean, log_var).sum(dim=(1, 2, 3)).double()
+        if chunk.start == 0:  # the first `batch` rows are t = 0: the decoder replaces the KL
+            decoder_nll = -discretized_gaussian_log_likelihood(
+                x0, mean[:batch], log_var[:batch]).sum(dim=(1, 2, 3))
+            chunk_terms = torch.cat([decoder_nll, chunk_terms[batch:]])
+        terms.append(chunk_terms.view(len(chunk), batch))
+        if progress is not None:
+            progress(len(chunk) / columns)
+    return torch.cat(terms)
+
+
 def variational_bound(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor,
                       generator: torch.Generator, *, timestep_batch: int = 1,
-                      clip_denoised: bool = True) -> torch.Tensor:
+                      clip_denoised: bool = True,
+                      progress: Callable[[float], None] | None = None) -> torch.Tensor:
     """-log p(x0) <= L_vlb per image, in nats [B] (Ho et al. eq. 5; x0 on the 256-level grid).
 
     L_vlb = L_T + sum_{t=1}^{T-1} L_{t-1} + L_0 with
       L_T     = KL(q(x_T | x_0) || N(0, I)),
       L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)), x_t ~ q(x_t | x_0),
       L_0     = -log p_theta(x_0 | x_1), the discretised Gaussian decoder (eq. 13).
-    Every timestep is evaluated (no Monte-Carlo over t); one x_t per timestep and image, drawn
-    from `generator` in timestep order, so `timestep_batch` (timesteps per network call) changes
-    nothing but speed and memory.
+    Every timestep is evaluated (B * T network evaluations); one x_t per timestep and image,
+    drawn from `generator` in timestep order, so `timestep_batch` (timesteps per network call)
+    changes nothing but speed and memory. `progress` as in `_bound_terms`.
     """
-    batch = x0.shape[0]
     x0 = x0.float()
-    last = torch.full((batch,), schedule.timesteps - 1, device=x0.device, dtype=torch.long)
-    prior_mean = _per_sample(schedule.sqrt_alpha_bar, last) * x0
-    prior_log_var = torch.log(1 - _per_sample(schedule.alpha_bar, last))
-    total = normal_kl(prior_mean, prior_log_var, torch.zeros_like(x0),
-                      torch.zeros_like(prior_log_var)).sum(dim=(1, 2, 3)).double()
+    steps = schedule.timesteps
+    timesteps = torch.arange(steps).view(steps, 1).expand(steps, x0.shape[0])
+    terms = _bound_terms(eps_fn, schedule, x0, timesteps, generator,
+                         timestep_batch=timestep_batch, clip_denoised=clip_denoised,
+                         progress=progress)
+    return prior_term(schedule, x0) + terms.sum(dim=0)
 
-    for start in range(0, schedule.timesteps, timestep_batch):
-        chunk = range(start, min(start + timestep_batch, schedule.timesteps))
-        noise = torch.cat([_noise_like(x0, generator) for _ in chunk])
-        t = torch.arange(chunk.start, chunk.stop, device=x0.device).repeat_interleave(batch)
-        x0_rep = x0.repeat(len(chunk), 1, 1, 1)
-        x_t = schedule.q_sample(x0_rep, t, noise)
-        mean, log_var, _ = schedule.p_mean_log_variance(eps_fn(x_t, t).float(), x_t, t,
-                                                        clip_denoised)
-        true_mean, true_log_var = schedule.q_posterior(x0_rep, x_t, t)
-        terms = normal_kl(true_mean, true_log_var, mean, log_var).sum(dim=(1, 2, 3)).double()
-        if chunk.start == 0:  # the first `batch` rows are t = 0: the decoder replaces the KL
-            decoder_nll = -discretized_gaussian_log_likelihood(
-                x0, mean[:batch], log_var[:batch]).sum(dim=(1, 2, 3))
-            terms = torch.cat([decoder_nll, terms[batch:]])
-        total = total + terms.view(len(chunk), batch).sum(dim=0)
-    return total
+
+def sample_timesteps(timesteps: int, per_image: int, batch: int, generator: torch.Generator,
+                     proposal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps t in {1, ..., T-1} [K, B] and weights [K, B] (CPU; int64, float64) such that
+    sum_k w_k f(t_k) is an unbiased estimate of sum_{t=1}^{T-1} f(t) for every f and image.
+
+    Stratified in the proposal's quantiles: u_k = (k + U_k) / K, U_k ~ U[0, 1) (one uniform draw
+    per stratum of width 1/K, independently per image), t_k = F^-1(u_k) with F the CDF of the
+    proposal p over {1, ..., T-1}, and w_k = 1 / (K p(t_k)). Then sum_t f(t) = integral over
+    [0, 1) of f(t(u)) / p(t(u)) du, and each stratum's term is an unbiased estimate of its part
+    of that integral; any p > 0 everywhere keeps it unbiased, and p proportional to f >= 0 makes
+    every draw exact. Without a proposal p is uniform: the strata are K intervals of width W = (T-1) / K
+    timesteps (W need not be an integer) and every weight is W; with K = T-1 every stratum is one
+    timestep and the estimate is the sum itself.
+    """
+    middle = timesteps - 1
+    if not 1 <= per_image <= middle:
+        raise ValueError(f"timesteps per image must be between 1 and T-1 = {middle}; "
+                         f"got {per_image}")
+    if proposal is None:
+        probabilities = torch.full((middle,), 1.0 / middle, dtype=torch.float64)
+        cdf = torch.arange(1, middle + 1, dtype=torch.float64) / middle  # exact strata edges
+    else:
+        probabilities = proposal.detach().to("cpu", torch.float64)
+        if probabilities.shape != (middle,) or not bool((probabilities > 0).all()):
+            raise ValueError(f"the proposal must be {middle} positive probabilities (one per "
+                             f"t = 1..T-1); got shape {tuple(probabilities.shape)}")
+        probabilities = probabilities / probabilities.sum()
+        cdf = probabilities.cumsum(0)
+    offsets = torch.rand((per_image, batch), generator=generator, dtype=torch.float64)
+    quantiles = (torch.arange(per_image, dtype=torch.float64).view(-1, 1) + offsets) / per_image
+    index = torch.searchsorted(cdf, quantiles, right=True).clamp(max=middle - 1)
+    return 1 + index, 1.0 / (per_image * probabilities[index])
+
+
+class TimestepImportance:
+    """A running estimate of E[L_t^2] per middle timestep t = 1..T-1 of the bound and the
+    proposal p_t proportional to sqrt(E[L_t^2]) it gives: the variance-minimising proposal of
+    importance sampling when L_t varies little across images, as improved-DDPM's importance
+    sampling of the training loss (Nichol & Dhariwal 2021, sec. 3.3, eq. 18).
+
+    A held-out pass observes the terms of each batch after using the proposal for it, so every
+    batch's estimate is unbiased given the ones before. Unlike improved-DDPM (uniform until every
+    t holds 10 losses), a pass draws far fewer than 10 (T-1) terms, so timesteps not yet drawn
+    take the estimate interpolated linearly between the nearest drawn ones (constant beyond the
+    ends): the terms change smoothly with t. Before the first observation the estimate is 1/t:
+    the weight of the noise-prediction error in L_t (Ho et al. eq. 12) falls roughly as 1/t near
+    t = 0 for the linear and cosine schedules, and there the terms are largest (uniform strata
+    would miss L_1, a quarter of the tiny DDPM's bound, in most images). The proposal is mixed
+    with the uniform distribution (`uniform_mix`), so every weight stays below
+    (T-1) / (K uniform_mix) whatever the estimate.
+    """
+
+    def __init__(self, timesteps: int, uniform_mix: float = 0.1):
+        if not 0 < uniform_mix <= 1:
+            raise ValueError(f"uniform_mix must be in (0, 1]; got {uniform_mix}")
+        self.uniform_mix = uniform_mix
+        self.square_sums = torch.zeros(timesteps - 1, dtype=torch.float64)
+        self.counts = torch.zeros(timesteps - 1, dtype=torch.float64)
+
+    def observe(self, timesteps: torch.Tensor, terms: torch.Tensor) -> None:
+        """Add the terms L_t [...] drawn at timesteps t [...] (t in 1..T-1)."""
+        index = timesteps.reshape(-1).cpu() - 1
+        self.square_sums.index_add_(0, index, terms.reshape(-1).detach().cpu().double().square())
+        self.counts.index_add_(0, index, torch.ones(index.numel(), dtype=torch.float64))
+
+    def proposal(self) -> torch.Tensor:
+        """p_t for t = 1..T-1 (float64, sums to 1)."""
+        seen = self.counts > 0
+        steps = torch.arange(self.counts.numel(), dtype=torch.float64)
+        where = seen.nonzero().view(-1).double()
+        rms = (self.square_sums[seen] / self.counts[seen]).sqrt()
+        right = torch.searchsorted(where, steps).clamp(1, max(len(where) - 1, 1))
+        left = right - 1
+        if len(where) == 0:
+            estimate = 1 / (steps + 1)
+        elif len(where) == 1:
+            estimate = rms.expand_as(steps)
+        else:
+            span = where[right] - where[left]
+            fraction = ((steps - where[left]) / span).clamp(0, 1)
+            estimate = rms[left] + fraction * (rms[right] - rms[left])
+        total = estimate.sum()
+        uniform = torch.full_like(estimate, 1.0 / estimate.numel())
+        if not bool(total > 0) or not bool(torch.isfinite(total)):
+            return uniform
+        return (1 - self.uniform_mix) * estimate / total + self.uniform_mix * uniform
+
+
+def variational_bound_mc(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor,
+                         generator: torch.Generator, *, timesteps_per_image: int,
+                         proposal: torch.Tensor | None = None, timestep_batch: int = 1,
+                         clip_denoised: bool = True,
+                         progress: Callable[[float], None] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An unbiased Monte-Carlo estimate of `variational_bound` per image: (nats [B], and the
+    drawn middle timesteps [K, B] and their terms L_t in nats [K, B], for `TimestepImportance`).
+
+    L_vlb = L_T + L_0 + S with S = sum_{t=1}^{T-1} L_t, numbered as in Ho et al. eq. 5 (L_t is
+    the term of the 0-indexed timestep t here, L_0 the decoder's). The prior term L_T is exact (closed form) and the decoder term L_0 is
+    always evaluated (it is the largest term); S is estimated from K = `timesteps_per_image`
+    timesteps per image, stratified and, with a `proposal`, importance-weighted
+    (`sample_timesteps`): S_hat = sum_k w_k L_{t_k}. For each image E[S_hat] = E[S] over the
+    draws of t and x_t, so the estimate is unbiased for the image's bound, from B * (K + 1)
+    network evaluations instead of B * T. Its spread over images (which holds the Monte-Carlo
+    noise) gives an honest standard error of a data set's mean (`pipeline.evaluate`).
+
+    The strata come first from `generator`, then x_t column by column: column 0 the decoder's,
+    then one column per stratum, so `timestep_batch` changes nothing but speed and memory.
+    """
+    x0 = x0.float()
+    batch = x0.shape[0]
+    middle, weights = sample_timesteps(schedule.timesteps, timesteps_per_image, batch, generator,
+                                       proposal)
+    timesteps = torch.cat([torch.zeros(1, batch, dtype=torch.long), middle])
+    terms = _bound_terms(eps_fn, schedule, x0, timesteps, generator,
+                         timestep_batch=timestep_batch, clip_denoised=clip_denoised,
+                         progress=progress)
+    estimate = prior_term(schedule, x0) + terms[0] + (weights.to(terms.device) * terms[1:]).sum(0)
+    return estimate, middle, terms[1:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,15 +652,84 @@ class DiffusionModel(GenerativeModel):
             images.append(to_uint8(x0))
         return torch.cat(images)
 
+    def bound_options(self, images: int | None, *, estimator: str | None = None,
+                      timesteps_per_image: int | None = None) -> dict:
+        """The estimator of the bound for a pass over `images` images (None: unknown), as
+        bits_per_dim's options: {"estimator": "exact"} or {"estimator": "mc-...",
+        "timesteps_per_image": K}. Unset options come from the config (vlb_estimator,
+        vlb_timesteps_per_image); "auto" becomes "exact" when images * T is at most
+        EXACT_BOUND_MAX_EVALUATIONS and no timesteps_per_image was asked for, else
+        "mc-importance". K is capped at T - 1."""
+        steps = self.schedule.timesteps
+        chosen = estimator or self.config.vlb_estimator
+        if chosen not in ("auto", *BoundEstimator.__args__):
+            raise UserError(f"unknown bound estimator {chosen!r}; expected 'auto' or one of "
+                            f"{list(BoundEstimator.__args__)}")
+        if timesteps_per_image is not None and timesteps_per_image < 1:
+            raise UserError(f"timesteps_per_image must be at least 1 (got {timesteps_per_image})")
+        if timesteps_per_image is not None and chosen == "exact":
+            raise UserError(f"timesteps_per_image={timesteps_per_image} applies to a Monte-Carlo "
+                            f"estimate, not to the exact sum over all {steps} timesteps; drop one "
+                            f"of the two")
+        if chosen == "auto":
+            small = images is not None and images * steps <= EXACT_BOUND_MAX_EVALUATIONS
+            chosen = "exact" if small and timesteps_per_image is None else "mc-importance"
+        if chosen == "exact":
+            return {"estimator": "exact"}
+        per_image = min(timesteps_per_image or self.config.vlb_timesteps_per_image, steps - 1)
+        return {"estimator": chosen, "timesteps_per_image": per_image}
+
+    def held_out_estimator(self, images: int | None, **options) -> HeldOutEstimator:
+        """The bound for a pass over `images` images, with `bound_options` chosen once for the
+        pass and, for "mc-importance", one `TimestepImportance` learnt over its batches."""
+        return _BoundPass(self, self.bound_options(images, **options))
+
     @torch.no_grad()
     def bits_per_dim(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                     timestep_batch: int | None = None) -> torch.Tensor:
-        """Upper bound on bits per dimension per image [B] from the variational bound over all
-        T timesteps. Noise from `generator` (CPU), else from one seeded off torch's global RNG."""
+                     timestep_batch: int | None = None, estimator: str | None = None,
+                     timesteps_per_image: int | None = None,
+                     importance: TimestepImportance | None = None,
+                     progress: Callable[[float], None] | None = None) -> torch.Tensor:
+        """Upper bound on bits per dimension per image [B] from the variational bound: the exact
+        sum over all T timesteps (`variational_bound`) or an unbiased Monte-Carlo estimate of it
+        per image (`variational_bound_mc`), as `bound_options` chooses for this batch alone.
+        "mc-importance" takes its proposal from `importance` and adds this batch's terms to it
+        (without one, from a fresh `TimestepImportance`: the 1/t proposal). Noise from
+        `generator` (CPU), else from one seeded off torch's global RNG. `progress(fraction)` after
+        each network call."""
+        options = self.bound_options(x.shape[0], estimator=estimator,
+                                     timesteps_per_image=timesteps_per_image)
         if generator is None:
             seed = int(torch.randint(0, 2**62, ()).item())  # CPU global RNG: no device sync
             generator = torch.Generator().manual_seed(seed)
-        nats = variational_bound(self.eps, self.schedule, to_unit_interval(x), generator,
-                                 timestep_batch=timestep_batch or self.config.vlb_timestep_batch,
-                                 clip_denoised=self.config.clip_denoised)
+        common = dict(timestep_batch=timestep_batch or self.config.vlb_timestep_batch,
+                      clip_denoised=self.config.clip_denoised, progress=progress)
+        x0 = to_unit_interval(x)
+        if options["estimator"] == "exact":
+            nats = variational_bound(self.eps, self.schedule, x0, generator, **common)
+        else:
+            if options["estimator"] == "mc-importance" and importance is None:
+                importance = TimestepImportance(self.schedule.timesteps)
+            learn = options["estimator"] == "mc-importance"
+            nats, timesteps, terms = variational_bound_mc(
+                self.eps, self.schedule, x0, generator,
+                timesteps_per_image=options["timesteps_per_image"],
+                proposal=importance.proposal() if learn else None, **common)
+            if learn:
+                importance.observe(timesteps, terms)
         return (nats / (math.prod(x.shape[1:]) * math.log(2))).float()
+
+
+class _BoundPass(HeldOutEstimator):
+    """DiffusionModel.held_out_estimator: fixed options and, for "mc-importance", the proposal
+    learnt from the batches before."""
+
+    def __init__(self, model: DiffusionModel, options: dict):
+        super().__init__(model, options)
+        self.importance = (TimestepImportance(model.schedule.timesteps)
+                           if options["estimator"] == "mc-importance" else None)
+
+    def __call__(self, x: torch.Tensor,
+                 progress: Callable[[float], None] | None = None) -> torch.Tensor:
+        return self.model.bits_per_dim(x, importance=self.importance, progress=progress,
+                                       **self.options)

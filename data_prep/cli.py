@@ -158,12 +158,17 @@ def run_digits(args: argparse.Namespace) -> int:
                                source=sources.DIGITS_SOURCE, num_classes=10)
             for split in splits
         }
+        # The classifier of the digits sample-quality measure, trained on the train split only.
+        from pipeline import digits_quality
+
+        classifier = digits_quality.write_classifier(output.path("train")).name
         finals = output.commit()
     except BaseException:
         output.discard()
         raise
     for split in splits:
         _report(manifests[split], finals[split])
+    print(f"sample-quality classifier -> {finals['train'] / classifier}")
     return 0
 
 

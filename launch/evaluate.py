@@ -30,6 +30,12 @@ computes FID and KID against the same held-out shards with the run's ``eval`` se
 (``eval.inception_weights``, ``eval.fid_feature_network``; ``--inception-weights`` and
 ``--fid-network`` override them); the reference statistics are cached beside the shards'
 manifest (`pipeline.fid`).
+
+``--sample-quality [N]`` (default 1000) also generates N images (seeded as for ``--fid``, the run's
+``sample.options``) and reports the digits measures of `pipeline.digits_quality` (``digits_fd``,
+``digits_is``, ``digits_confidence``, ``digits_classes_covered``, ``digits_class_entropy``,
+``digits_class_histogram``) with the held-out digits' values beside them (``digits_reference``);
+the classifier comes from beside the run's ``data.shards`` (trained there first if absent).
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ from pipeline.errors import UserError, one_line, rank_tag
 
 # torch, the data readers and the models are imported where used, so that building the
 # ``launch`` argument parser (which registers this command) stays quick.
+
+SAMPLE_QUALITY_IMAGES = 1000
+"""Generated images of ``--sample-quality`` without a number."""
 
 # Options of one family's bits_per_dim: (command-line attribute, the family it applies to).
 _BITS_PER_DIM_OPTIONS = {"iwae_samples": "vae", "estimator": "diffusion",
@@ -87,6 +96,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local FID Inception weights file (default: the run's eval.inception_weights)")
     parser.add_argument("--fid-network", choices=("inception", "random_conv"), default=None,
                         help="feature network of FID/KID (default: the run's eval.fid_feature_network)")
+    parser.add_argument("--sample-quality", type=_image_count, nargs="?", const=SAMPLE_QUALITY_IMAGES,
+                        default=None, metavar="N",
+                        help="also the digits sample-quality measures (classifier FD, IS, confidence, "
+                             f"class coverage) of N generated images (default {SAMPLE_QUALITY_IMAGES}), "
+                             "beside the held-out digits' values")
+
+
+def _image_count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of images, got {text!r} (put the run directory before --sample-quality)") from None
 
 
 def _check_arguments(args) -> None:
@@ -96,6 +118,8 @@ def _check_arguments(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
     if args.fid is not None and args.fid < 2:
         raise UserError(f"--fid must be at least 2 (got {args.fid})")
+    if args.sample_quality is not None and args.sample_quality < 2:
+        raise UserError(f"--sample-quality must be at least 2 images (got {args.sample_quality})")
 
 
 def _choose_checkpoint(run_dir: str, checkpoint_path: str | None) -> Path:
@@ -168,6 +192,10 @@ def evaluate_run(args) -> dict | None:
         )
 
     extractor = _fid_extractor(args, config, device) if args.fid is not None else None  # fails early
+    if args.sample_quality is not None:  # unlabelled splits fail early too
+        from pipeline import digits_quality
+
+        digits_quality.check_splits(data.shards, shards, key)
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.manual_seed(_process_seed(args.seed, rank))
@@ -177,6 +205,9 @@ def evaluate_run(args) -> dict | None:
     quality = None
     if args.fid is not None:
         quality = _fid_and_kid(args, extractor, model, config, shards, device, rank, world_size, autocast_dtype)
+    digits = None
+    if args.sample_quality is not None:
+        digits = _digits_quality(args, model, config, spec, key, device, rank, world_size, autocast_dtype)
     if rank != 0:
         return None
     result = {
@@ -189,6 +220,8 @@ def evaluate_run(args) -> dict | None:
     }
     if quality is not None:
         result.update(quality)
+    if digits is not None:
+        result.update(digits)
     return result
 
 
@@ -277,6 +310,27 @@ def _fid_and_kid(args, extractor, model, config, shards, device, rank: int, worl
             "fid_network": extractor.id}
 
 
+def _digits_quality(args, model, config, spec, key: str, device, rank: int, world_size: int,
+                    autocast_dtype) -> dict | None:
+    """The digits measures of ``args.sample_quality`` samples against the held-out ``spec``;
+    every process calls it, rank 0 gets it (`pipeline.digits_quality`)."""
+    import torch
+
+    from pipeline import digits_quality
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    data = config.data
+    measure = digits_quality.build(data.shards, spec, image_size=data.image_size, channels=data.channels,
+                                   device=device, rank=rank, world_size=world_size, test_key=key)
+    return digits_quality.sample_quality(
+        model, measure, num_images=args.sample_quality,
+        batch_size=args.batch_size or config.eval.batch_size or data.batch_size, seed=args.seed, rank=rank,
+        world_size=world_size, autocast=autocast if autocast_dtype is not None else None, **config.sample.options,
+    )
+
+
 def write_result(run_dir: str, result: dict) -> Path:
     """``RUN_DIR/eval/step-XXXXXXXXX.json``, written atomically."""
     path = Path(run_dir) / "eval" / f"step-{result['step']:09d}.json"
@@ -307,7 +361,7 @@ def launch_eval(args) -> int:
                "--seed", str(args.seed), "--device", args.device, "--ema" if args.ema else "--no-ema",
                "--progress" if args.progress else "--no-progress"]
     for name in ("shards", "max_images", "batch_size", *_BITS_PER_DIM_OPTIONS, "fid", "inception_weights",
-                 "fid_network"):
+                 "fid_network", "sample_quality"):
         value = getattr(args, name)
         if value is not None:
             command += [f"--{name.replace('_', '-')}", str(value)]

@@ -155,7 +155,7 @@ class SampleConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """Held-out bits/dim and sample quality (FID/KID) during training."""
+    """Held-out bits/dim and sample quality (FID/KID, the digits measures) during training."""
 
     every_steps: int = Field(default=0, ge=0)
     """Steps between evaluations on ``data.eval_shards`` (0 disables in-training evaluation)."""
@@ -184,6 +184,14 @@ class EvalConfig(StrictModel):
     """Random subsets averaged by KID."""
     kid_subset_size: int = Field(default=1000, ge=2)
     """Images per KID subset (at most the smaller set's size)."""
+    sample_quality_images: int = Field(default=0, ge=0)
+    """Generated images per in-training digits sample-quality evaluation (pipeline/digits_quality.py:
+    a digits classifier's FD, Inception-style score, confidence and class coverage, logged as
+    ``eval/digits_*`` beside the held-out digits' values), shared out over the processes (0: off).
+    Needs the labelled splits of ``data-prep digits`` in ``data.shards`` and ``data.eval_shards``."""
+    sample_quality_every_steps: int = Field(default=0, ge=0)
+    """Steps between digits sample-quality evaluations when ``sample_quality_images`` > 0
+    (0: every ``every_steps``)."""
 
     @model_validator(mode="after")
     def _fid_has_a_schedule(self) -> "EvalConfig":
@@ -191,6 +199,14 @@ class EvalConfig(StrictModel):
             raise ValueError("fid_images must be 0 (off) or at least 2")
         if self.fid_images and not (self.every_steps or self.fid_every_steps):
             raise ValueError("fid_images is set but neither every_steps nor fid_every_steps is")
+        return self
+
+    @model_validator(mode="after")
+    def _sample_quality_has_a_schedule(self) -> "EvalConfig":
+        if self.sample_quality_images == 1:
+            raise ValueError("sample_quality_images must be 0 (off) or at least 2")
+        if self.sample_quality_images and not (self.every_steps or self.sample_quality_every_steps):
+            raise ValueError("sample_quality_images is set but neither every_steps nor sample_quality_every_steps is")
         return self
 
 

@@ -26,7 +26,8 @@ from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline.trainer")
 
-SUMMARY_KEYS = ("step", "loss", "grad_norm", "images_per_s", "mfu", "eval/bits_per_dim", "eval/fid", "eval/kid")
+SUMMARY_KEYS = ("step", "loss", "grad_norm", "images_per_s", "mfu", "eval/bits_per_dim", "eval/fid", "eval/kid",
+                "eval/digits_fd", "eval/digits_is")
 
 
 class MetricsSink:

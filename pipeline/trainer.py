@@ -33,6 +33,7 @@ import torch
 from pipeline import config as config_module, models, preemption, strategies
 from pipeline.checkpointer import Checkpointer, seed_process
 from pipeline.config import RunConfig
+from pipeline.digits_quality import SampleQualityEval
 from pipeline.data import TrainingBatches, check_shards_match, resolve_shards, shards_for_reader
 from pipeline.ema import EMA
 from pipeline.errors import UserError
@@ -103,6 +104,7 @@ class Trainer:
         self.grid = SampleGrid(config, self.run_dir, processes, strategy, self.ema, self.tracker, self.faults)
         self.evaluation = HeldOutEval(config, processes, strategy, self.ema, self.eval_shards)
         self.fid = FidEval(config, processes, strategy, self.ema, self.eval_shards)
+        self.sample_quality = SampleQualityEval(config, processes, strategy, self.ema)
         self.stop = StopSignal(config, processes)
         self.throughput = Throughput(config, strategy, processes, model)
         metrics_file = MetricsFile(self.run_dir.path, self.progress.step) if processes.is_main else None
@@ -190,6 +192,8 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if self.fid.due(record):  # collective: every rank logs the same records
             record = {**record, **self.fid.run()}
+        if self.sample_quality.due(record):  # collective, as FID
+            record = {**record, **self.sample_quality.run()}
         self.sink.log(record)
 
     # -- set-up and tear-down -------------------------------------------------------------------

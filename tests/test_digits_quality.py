@@ -331,3 +331,21 @@ def test_status_shows_the_latest_digits_measures_beside_the_reference(tmp_path):
     lines = [line for line in status.status_lines(run_dir, now=3.0) if line.startswith("digits:")]
     assert lines == ["digits:      FD 12.35 (real 2.50), IS 7.50 (real 9.55), confidence 0.900 (real 0.986), "
                      "classes 9 (real 10); 500 images, step 20"]
+
+
+@pytest.mark.slow
+def test_training_logs_sample_quality_and_status_shows_it(digits_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(digits_dir, run_dir, **{
+        "train.max_steps": 4, "train.log_every_steps": 2, "checkpoint.every_steps": 4, "eval.every_steps": 0,
+        "model.base_channels": 8, "model.norm_groups": 4, "model.channel_mult": "[1,2]",
+        "model.attention_resolutions": "[]", "model.sample_steps": 2, "data.batch_size": 8,
+        "eval.sample_quality_images": 40, "eval.sample_quality_every_steps": 2, "sample.at_end": "false"})
+    trained = run_cli("launch", "local", "configs/tiny/ddpm.yaml", *overrides)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    quality = [record for record in records if "eval/digits_fd" in record]
+    assert [record["step"] for record in quality] == [2, 4]  # on the training records it rides on
+    assert all(record["eval/digits_images"] == 40 and 1 <= record["eval/digits_is"] <= 10 for record in quality)
+    status = run_cli("launch", "status", str(run_dir))
+    assert any(line.startswith("digits:") and "40 images, step 4" in line for line in status.stdout.splitlines()), status.stdout

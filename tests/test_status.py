@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, run_cli
 from launch import slurm_queries, status
-from pipeline import config as config_module, images
+from pipeline import checkpoint, config as config_module, images
 from pipeline.errors import UserError
 
 START = 1_700_000_000.0
@@ -38,9 +38,12 @@ def make_run(run_dir: Path, steps=range(10, 51, 10), max_steps: int = 100, relau
             records.append({"time": START + 3600 + (step - 30) / 5, "step": step, "images_seen": step * 32,
                             "loss": 0.5 / step, "images_per_s": 160.0})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"time": 1')
-    checkpoint = run_dir / "checkpoints" / "step-000000040"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "manifest.json").write_text(json.dumps({"step": 40, "images_seen": 1280}))
+    for step in (30, 40, 45):
+        staging = checkpoint.prepare_staging(run_dir, step)
+        records_ = checkpoint.write_files(staging, {"trainer.json": checkpoint.encode_json({"step": step})})
+        checkpoint.commit(run_dir, step, step * 32, records_, keep_last=10)
+    # Damaged after its commit: `launch sample` would refuse it, so status must not report it.
+    (run_dir / "checkpoints" / "step-000000045" / "trainer.json").write_text("{}")
     (run_dir / "checkpoints" / "step-000000050.staging").mkdir()  # incomplete: not reported
     images.save_png(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), run_dir / "samples" / "step-000000040.png")
     return run_dir

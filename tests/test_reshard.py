@@ -8,7 +8,6 @@ a shard cut short; and the repository's own shards.
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from conftest import make_id_shards, run_cli
 from data_prep.cli import main
 from pipeline.data import TrainingBatches, resolve_shards
 from pipeline.manifest import read_manifest
-from test_peer_shards import NUM_SHARDS, PER_SHARD, TOTAL, colour, jpeg, make_img2dataset_dir, write_tar
+from test_peer_shards import NUM_SHARDS, TOTAL, colour, jpeg, make_img2dataset_dir, write_tar
 
 
 def read_split(directory: Path) -> dict[str, dict[str, bytes]]:

@@ -476,9 +476,10 @@ def sample_features(model, extractor: FeatureExtractor, total: int, *, batch_siz
 
 def stats_cache_path(shards, extractor_id: str) -> Path | None:
     """``<split dir>/fid_stats-<extractor id>.npz`` beside the manifest; other shard lists get a
-    name with a hash of their URLs beside the first shard; ``pipe:`` shards are not cached."""
+    name with a hash of their URLs beside the first shard; ``pipe:`` and remote (``s3://``,
+    ``https://``...) shards are not cached."""
     first = shards.urls[0]
-    if first.startswith("pipe:"):
+    if first.startswith("pipe:") or "://" in first:
         return None
     directory = Path(first).parent
     if shards.manifest is not None and (directory / "manifest.json").is_file():

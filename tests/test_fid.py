@@ -208,3 +208,10 @@ def test_features_are_gathered_across_processes(tmp_path):
     one, two = fid.feature_stats(single.numpy()), fid.feature_stats(gathered[0])
     np.testing.assert_allclose(one.mean, two.mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(one.cov, two.cov, rtol=1e-4, atol=1e-7)
+
+
+def test_remote_reference_shards_are_not_cached_as_local_paths():
+    from pipeline.shards import ShardSet
+
+    for url in ("s3://bucket/eval/shard-000000.tar", "https://example.org/eval/shard-000000.tar"):
+        assert fid.stats_cache_path(ShardSet(urls=(url,)), "random_conv-0") is None

@@ -264,10 +264,13 @@ def _bits_per_dim_report(args, model, config, shards, device, rank: int, world_s
 
 
 def _advance(bar, images: float) -> None:
-    """Move the bar on by ``images`` (fractions add up in floating point: never past the end)."""
+    """Move the bar on by ``images``. Fractions of batches add up in floating point: a count
+    within 1e-6 of a whole number is that number, and never past the end."""
     if bar.total is not None:
         images = min(images, bar.total - bar.n)
     bar.update(images)
+    if abs(bar.n - round(bar.n)) < 1e-6:
+        bar.n = round(bar.n)
 
 
 def _fid_settings(args, config):

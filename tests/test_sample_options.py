@@ -10,7 +10,7 @@ from pipeline.errors import UserError
 
 @pytest.mark.parametrize("config, override, message", [
     ("configs/tiny/ddpm.yaml", "sample.options.stpes=3", "unknown sampling option 'stpes' for the diffusion family"),
-    ("configs/tiny/ddpm.yaml", "sample.options.sampler=ddmi", "sampler: Input should be 'ddpm' or 'ddim'"),
+    ("configs/tiny/ddpm.yaml", "sample.options.sampler=ddmi", "sampler: Input should be 'ddpm', 'ddim', 'euler' or 'heun'"),
     ("configs/tiny/ddpm.yaml", "sample.options.steps=0", "steps: must be greater than 0"),
     ("configs/tiny/flow.yaml", "sample.options.temperature=-1", "temperature: must be greater than 0"),
     ("configs/tiny/vae.yaml", "sample.options.steps=10", "unknown sampling option 'steps' for the vae family"),

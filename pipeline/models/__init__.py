@@ -40,7 +40,8 @@ def build(config, image_size: int, channels: int) -> GenerativeModel:
 
 
 # Bounds that sampling options of these names have in every family: (lowest, inclusive).
-_OPTION_BOUNDS = {"steps": (0, False), "batch_size": (0, False), "temperature": (0, False), "eta": (0, True)}
+_OPTION_BOUNDS = {"steps": (0, False), "batch_size": (0, False), "temperature": (0, False), "eta": (0, True),
+                  "guidance": (0, True)}
 
 
 def _bounded(name: str):
@@ -54,15 +55,21 @@ def _bounded(name: str):
     return AfterValidator(check)
 
 
+NOT_OPTIONS = ("labels",)
+"""Parameters of ``sample`` that are not sampling options: the classes come from ``launch sample
+--classes`` or the grid's rows, never from ``sample.options``."""
+
+
 def sample_options_model(family: str) -> type[StrictModel]:
     """The typed sampling options of a family, read off its ``sample`` signature: every keyword
-    after ``(n, generator)`` with its annotation and default (unknown names are errors)."""
+    after ``(n, generator)`` but ``labels``, with its annotation and default (unknown names are
+    errors)."""
     module_name, _, model_name = FAMILIES[family]
     model_class = getattr(importlib.import_module(module_name), model_name)
     hints = typing.get_type_hints(model_class.sample)
     fields = {}
     for name, parameter in list(inspect.signature(model_class.sample).parameters.items())[3:]:
-        if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+        if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL) or name in NOT_OPTIONS:
             continue
         annotation = hints.get(name, typing.Any)
         if name in _OPTION_BOUNDS:
@@ -72,8 +79,12 @@ def sample_options_model(family: str) -> type[StrictModel]:
     return create_model(f"{model_class.__name__}SampleOptions", __base__=StrictModel, **fields)
 
 
-def check_sample_options(family: str, options: dict) -> dict:
-    """``options`` validated against the family's sampling options; ValueError naming the option."""
+def check_sample_options(family: str, options: dict, model_config=None) -> dict:
+    """``options`` validated against the family's sampling options; ValueError naming the option.
+
+    With the model's config, also what the options mean for that model (a family's model class
+    may define ``check_sample_options(config, options)``: diffusion refuses a DDPM sampler for a
+    flow-matching model and guidance for an unconditional one)."""
     model = sample_options_model(family)
     try:
         validated = model.model_validate(options)
@@ -85,4 +96,11 @@ def check_sample_options(family: str, options: dict) -> dict:
                              f"(options: {', '.join(model.model_fields) or 'none'})") from None
         message = error["msg"].removeprefix("Value error, ")
         raise ValueError(f"sampling option {name}: {message} (got {error.get('input')!r})") from None
-    return {name: getattr(validated, name) for name in options}
+    checked = {name: getattr(validated, name) for name in options}
+    if model_config is not None:
+        module_name, _, model_name = FAMILIES[family]
+        model_class = getattr(importlib.import_module(module_name), model_name)
+        check = getattr(model_class, "check_sample_options", None)
+        if check is not None:
+            check(model_config, checked)
+    return checked

@@ -13,7 +13,13 @@ p(x) = Π_i p(x_i | x_<i) over pixels in raster order. Two networks produce the 
   pixel sees channels < c of that pixel; each subpixel gets a 256-way softmax or its own
   1-channel logistic mixture.
 
-The likelihood is exact: `bits_per_dim` is −log₂ p(x) / (C·H·W).
+Class-conditional models (``num_classes``) follow the conditional PixelCNN (van den Oord et al.
+2016, eq. 4): every gated unit adds a learned per-class bias V^T h (h the one-hot class) to its
+pre-activations before the gate, tanh(W_f * x + V_f^T h) ⊙ σ(W_g * x + V_g^T h) (in PixelCNN++'s
+gated resnets, to [a, b] of a · σ(b), as its reference code's ``h`` conditioning does). The bias
+is the same at every position, so causality is untouched; it starts at zero.
+
+The likelihood is exact: `bits_per_dim` is −log₂ p(x) / (C·H·W) (conditional: of p(x|y)).
 """
 
 from __future__ import annotations
@@ -69,6 +75,12 @@ class PixelCNNConfig(StrictModel):
         "logistic_mixture",
         description="Per-pixel distribution. softmax (256-way per subpixel) only with network=pixelcnn.",
     )
+    num_classes: int | None = Field(
+        None,
+        ge=1,
+        description="Classes of a class-conditional model (labels 0..num_classes-1): per-class "
+        "biases in every gated unit (conditional PixelCNN). None: unconditional.",
+    )
 
     @model_validator(mode="after")
     def _softmax_needs_masked_network(self) -> PixelCNNConfig:
@@ -93,6 +105,22 @@ def down_shift(x: Tensor) -> Tensor:
 def right_shift(x: Tensor) -> Tensor:
     """Column j takes column j − 1's values; column 0 gets zeros."""
     return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
+
+
+def class_bias(num_classes: int | None, channels: int) -> nn.Embedding | None:
+    """V^T h of the conditional PixelCNN for a one-hot class h: a learned bias per class over
+    ``channels`` pre-activations, zero at initialisation (None when unconditional)."""
+    if num_classes is None:
+        return None
+    bias = nn.Embedding(num_classes, channels)
+    nn.init.zeros_(bias.weight)
+    return bias
+
+
+def _add_class_bias(h: Tensor, bias: nn.Embedding | None, labels: Tensor | None) -> Tensor:
+    if bias is None:
+        return h
+    return h + bias(labels).to(h.dtype)[:, :, None, None]
 
 
 def concat_elu(x: Tensor) -> Tensor:
@@ -144,20 +172,24 @@ class DownRightShiftedConvTranspose2d(nn.ConvTranspose2d):
 
 
 class GatedResnet(nn.Module):
-    """x + a·σ(b), [a, b] = conv(dropout(concat_elu(conv(concat_elu(x)) + nin(concat_elu(aux)))))."""
+    """x + a·σ(b), [a, b] = conv(dropout(concat_elu(conv(concat_elu(x)) + nin(concat_elu(aux)))))
+    (+ the class's bias on [a, b] when conditional)."""
 
-    def __init__(self, filters: int, conv: type[nn.Conv2d], aux_channels: int, dropout: float):
+    def __init__(self, filters: int, conv: type[nn.Conv2d], aux_channels: int, dropout: float,
+                 num_classes: int | None = None):
         super().__init__()
         self.conv_in = conv(2 * filters, filters)
         self.aux = nn.Conv2d(2 * aux_channels, filters, 1) if aux_channels else None
         self.dropout = nn.Dropout(dropout)
         self.conv_out = conv(2 * filters, 2 * filters)
+        self.class_bias = class_bias(num_classes, 2 * filters)
 
-    def forward(self, x: Tensor, aux: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, aux: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         h = self.conv_in(concat_elu(x))
         if self.aux is not None:
             h = h + self.aux(concat_elu(aux))
-        a, b = self.conv_out(self.dropout(concat_elu(h))).chunk(2, dim=1)
+        h = _add_class_bias(self.conv_out(self.dropout(concat_elu(h))), self.class_bias, labels)
+        a, b = h.chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
 
 
@@ -172,7 +204,8 @@ class PixelCNNPlusPlusNetwork(nn.Module):
     """
 
     def __init__(
-        self, channels: int, out_channels: int, filters: int, num_resnet: int, num_stages: int, dropout: float
+        self, channels: int, out_channels: int, filters: int, num_resnet: int, num_stages: int, dropout: float,
+        num_classes: int | None = None,
     ):
         super().__init__()
         f = filters
@@ -187,8 +220,8 @@ class PixelCNNPlusPlusNetwork(nn.Module):
             return nn.ModuleList(
                 nn.ModuleList(
                     [
-                        GatedResnet(f, DownShiftedConv2d, u_aux, dropout),
-                        GatedResnet(f, DownRightShiftedConv2d, ul_aux, dropout),
+                        GatedResnet(f, DownShiftedConv2d, u_aux, dropout, num_classes),
+                        GatedResnet(f, DownRightShiftedConv2d, ul_aux, dropout, num_classes),
                     ]
                 )
                 for _ in range(n)
@@ -217,13 +250,13 @@ class PixelCNNPlusPlusNetwork(nn.Module):
         ul = down_shift(self.ul_init_above(x)) + right_shift(self.ul_init_left(x))
         return u, ul
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         u, ul = self.initial_streams(x)
         u_skips, ul_skips = [u], [ul]
         for level, stage in enumerate(self.down_stages):
             for u_block, ul_block in stage:
-                u = u_block(u)
-                ul = ul_block(ul, u)
+                u = u_block(u, labels=labels)
+                ul = ul_block(ul, u, labels)
                 u_skips.append(u)
                 ul_skips.append(ul)
             if level < len(self.downsample):
@@ -234,8 +267,8 @@ class PixelCNNPlusPlusNetwork(nn.Module):
         u, ul = u_skips.pop(), ul_skips.pop()
         for level, stage in enumerate(self.up_stages):
             for u_block, ul_block in stage:
-                u = u_block(u, u_skips.pop())
-                ul = ul_block(ul, torch.cat([u, ul_skips.pop()], dim=1))
+                u = u_block(u, u_skips.pop(), labels)
+                ul = ul_block(ul, torch.cat([u, ul_skips.pop()], dim=1), labels)
             if level < len(self.upsample):
                 u_up, ul_up = self.upsample[level]
                 u, ul = u_up(u), ul_up(ul)
@@ -302,9 +335,11 @@ def gate(x: Tensor) -> Tensor:
 class GatedMaskedLayer(nn.Module):
     """One gated PixelCNN layer without blind spot: a vertical stack over rows ≤ i (all columns
     of the window) that reaches the horizontal stack only shifted down a row, and a masked
-    horizontal stack over the current row's columns ≤ j."""
+    horizontal stack over the current row's columns ≤ j. A conditional layer adds its class's
+    bias to both stacks' pre-activations (van den Oord et al. 2016, eq. 4)."""
 
-    def __init__(self, in_channels: int, filters: int, colours: int, first: bool, dropout: float):
+    def __init__(self, in_channels: int, filters: int, colours: int, first: bool, dropout: float,
+                 num_classes: int | None = None):
         super().__init__()
         mask_type = "A" if first else "B"
         self.first = first
@@ -313,10 +348,15 @@ class GatedMaskedLayer(nn.Module):
         self.horizontal = MaskedConv2d(in_channels, 2 * filters, (1, 3), mask_type, colours, out_chunks=2)
         self.dropout = nn.Dropout(dropout)
         self.horizontal_out = MaskedConv2d(filters, filters, 1, "B", colours)
+        self.vertical_class_bias = class_bias(num_classes, 2 * filters)
+        self.horizontal_class_bias = class_bias(num_classes, 2 * filters)
 
-    def forward(self, v: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, v: Tensor, h: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         v_pre = self.vertical(v)
         h_pre = self.horizontal(h) + self.vertical_to_horizontal(down_shift(v_pre))
+        # After v_pre feeds the horizontal stack: each stack gets its own class bias once.
+        v_pre = _add_class_bias(v_pre, self.vertical_class_bias, labels)
+        h_pre = _add_class_bias(h_pre, self.horizontal_class_bias, labels)
         h_new = self.horizontal_out(self.dropout(gate(h_pre)))
         # No residual on the first layer: its input is the image, own pixel included.
         return gate(v_pre), h_new if self.first else h + h_new
@@ -325,10 +365,11 @@ class GatedMaskedLayer(nn.Module):
 class MaskedPixelCNNNetwork(nn.Module):
     """x on [-1, 1] -> per-subpixel outputs [B, C·per_channel, H, W], block c for colour c."""
 
-    def __init__(self, channels: int, per_channel: int, filters: int, num_layers: int, dropout: float):
+    def __init__(self, channels: int, per_channel: int, filters: int, num_layers: int, dropout: float,
+                 num_classes: int | None = None):
         super().__init__()
         self.layers = nn.ModuleList(
-            GatedMaskedLayer(channels if i == 0 else filters, filters, channels, i == 0, dropout)
+            GatedMaskedLayer(channels if i == 0 else filters, filters, channels, i == 0, dropout, num_classes)
             for i in range(num_layers)
         )
         # ELU rather than ReLU: no unit is ever dead, so no colour block loses its inputs.
@@ -339,10 +380,10 @@ class MaskedPixelCNNNetwork(nn.Module):
             MaskedConv2d(filters, channels * per_channel, 1, "B", channels),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         v, h = x, x
         for layer in self.layers:
-            v, h = layer(v, h)
+            v, h = layer(v, h, labels)
         return self.head(h)
 
 
@@ -367,6 +408,7 @@ class PixelCNNModel(GenerativeModel):
         self.config = config
         self.image_size = image_size
         self.channels = channels
+        self.num_classes = config.num_classes
         k = config.num_mixtures
         if config.network == "pixelcnn++":
             self.network = PixelCNNPlusPlusNetwork(
@@ -376,12 +418,13 @@ class PixelCNNModel(GenerativeModel):
                 config.num_resnet,
                 config.num_stages,
                 config.dropout,
+                config.num_classes,
             )
         else:
             self.per_channel = 256 if config.output == "softmax" else mixture_param_channels(k, 1)
             num_layers = 1 + config.num_stages * config.num_resnet
             self.network = MaskedPixelCNNNetwork(
-                channels, self.per_channel, config.filters, num_layers, config.dropout
+                channels, self.per_channel, config.filters, num_layers, config.dropout, config.num_classes
             )
 
     @property
@@ -391,9 +434,15 @@ class PixelCNNModel(GenerativeModel):
     def _subpixel_outputs(self, out: Tensor, c: int) -> Tensor:
         return out[:, c * self.per_channel : (c + 1) * self.per_channel]
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x) in nats per image [B] of a uint8 batch [B, C, H, W]."""
-        out = self.network(to_unit_interval(x))
+    def _labels(self, labels: Tensor | None, count: int, device, required: bool = False):
+        labels = self.check_labels(labels, count, required=required)
+        if self.num_classes is not None and labels is None:
+            labels = self.default_labels(count, device)
+        return labels
+
+    def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """log p(x) (conditional: log p(x|y)) in nats per image [B] of a uint8 batch [B, C, H, W]."""
+        out = self.network(to_unit_interval(x), labels)
         if not self._masked:
             return discretized_mix_logistic_log_prob(x, out, self.config.num_mixtures).sum(dim=(1, 2))
         total = 0.0
@@ -408,18 +457,21 @@ class PixelCNNModel(GenerativeModel):
             total = total + term.sum(dim=(1, 2))
         return total
 
-    def bits_per_dim(self, x: Tensor) -> Tensor:
-        """Exact −log₂ p(x) / (C·H·W) per image."""
-        return -self.log_prob(x) / (x[0].numel() * math.log(2.0))
+    def bits_per_dim(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Exact −log₂ p(x) / (C·H·W) per image (conditional: of p(x|y), given the true labels)."""
+        labels = self._labels(labels, x.shape[0], x.device, required=True)
+        return -self.log_prob(x, labels) / (x[0].numel() * math.log(2.0))
 
-    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean bits per dimension (NLL in bits, so its value is the metric itself)."""
-        loss = self.bits_per_dim(x).mean()
+        labels = self._labels(labels, x.shape[0], x.device)
+        loss = (-self.log_prob(x, labels) / (x[0].numel() * math.log(2.0))).mean()
         return loss, {"bits_per_dim": loss.detach()}
 
     @torch.no_grad()
     def sample(
-        self, n: int, generator: torch.Generator, temperature: float = 1.0, batch_size: int | None = None
+        self, n: int, generator: torch.Generator, labels: Tensor | None = None, temperature: float = 1.0,
+        batch_size: int | None = None
     ) -> Tensor:
         """n uint8 images, pixel by pixel in raster order (and R → G → B within a pixel), one
         network pass per pixel (per subpixel for network=pixelcnn). temperature scales the
@@ -427,30 +479,34 @@ class PixelCNNModel(GenerativeModel):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         batch_size = batch_size or n
+        device = next(self.parameters()).device
+        labels = self._labels(labels, n, device)
         was_training = self.training
         self.eval()
         try:
             chunks = [
-                self._sample_batch(min(batch_size, n - start), generator, temperature)
+                self._sample_batch(min(batch_size, n - start), generator, temperature,
+                                   None if labels is None else labels[start:start + batch_size].to(device))
                 for start in range(0, n, batch_size)
             ]
         finally:
             self.train(was_training)
         return torch.cat(chunks, dim=0)
 
-    def _sample_batch(self, n: int, generator: torch.Generator, temperature: float) -> Tensor:
+    def _sample_batch(self, n: int, generator: torch.Generator, temperature: float,
+                      labels: Tensor | None = None) -> Tensor:
         device = next(self.parameters()).device
         size, channels, k = self.image_size, self.channels, self.config.num_mixtures
         x = torch.zeros(n, channels, size, size, dtype=torch.uint8, device=device)
         for i in range(size):
             for j in range(size):
                 if not self._masked:
-                    params = self.network(to_unit_interval(x))[:, :, i : i + 1, j : j + 1]
+                    params = self.network(to_unit_interval(x), labels)[:, :, i : i + 1, j : j + 1]
                     params = temper_mixture_params(params.float(), k, channels, temperature)
                     x[:, :, i : i + 1, j : j + 1] = sample_discretized_mix_logistic(params, k, channels, generator)
                     continue
                 for c in range(channels):
-                    out = self.network(to_unit_interval(x))[:, :, i : i + 1, j : j + 1]
+                    out = self.network(to_unit_interval(x), labels)[:, :, i : i + 1, j : j + 1]
                     params = self._subpixel_outputs(out, c).float()
                     if self.config.output == "softmax":
                         uniform = torch.rand((n, 256, 1, 1), generator=generator).clamp_(1e-6, 1 - 1e-6)

@@ -1,9 +1,19 @@
-"""Gaussian diffusion: noise schedules, q_sample, posterior, loss, samplers, variational bound.
+"""Gaussian diffusion: noise schedules, q_sample, posterior, samplers, variational bound, the model.
 
 The mathematics of DDPM (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"), the cosine
 schedule of Nichol & Dhariwal 2021 ("Improved DDPM") and DDIM (Song et al. 2021, "Denoising
-Diffusion Implicit Models"). The network is only a function eps(x_t, t) (`unet.UNet`); it can be
-swapped without touching anything here.
+Diffusion Implicit Models"), and `DiffusionModel`, which puts a network, an objective and a
+sampler together. Each is apart: the network is only a function f(x_t, t, labels) (`unet.UNet`
+or `dit.DiT`, ``model.network``); the objective (`objectives.py`: eps-prediction, v-prediction,
+flow matching; ``model.objective``) says what f predicts and how it is trained; the samplers are
+DDPM and DDIM here (eps and v: the v-model's eps follows algebraically) and Euler and Heun ODE
+solvers for flow matching (`samplers.py`).
+
+Class-conditional models (``model.num_classes``) add a class embedding to the network's time
+embedding; with ``model.label_dropout`` > 0 a null class replaces the label of that fraction of
+training images, so one network is both p(x|y) and p(x), and sampling can use classifier-free
+guidance (Ho & Salimans 2022): f_u + s (f_c - f_u), scale s = 1 the conditional model, 0 the
+unconditional one, both halves in one batched network pass (`classifier_free_guidance`).
 
 Timesteps are 0-indexed: t in {0, ..., T-1} here is the paper's t in {1, ..., T}. "alpha_bar[-1]"
 (the paper's alpha_bar_0) is 1.
@@ -20,7 +30,9 @@ from torch import nn
 
 from pipeline.configbase import StrictModel
 from pipeline.errors import UserError
+from pipeline.models import objectives, samplers
 from pipeline.models.base import GenerativeModel, HeldOutEstimator, to_uint8, to_unit_interval
+from pipeline.models.dit import DIT_SIZES, DiT
 from pipeline.models.unet import UNet
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,6 +47,10 @@ class DiffusionConfig(StrictModel):
     """The `model:` section of a diffusion run. Defaults: DDPM's CIFAR-10 model (35.7M params)."""
 
     family: Literal["diffusion"] = "diffusion"
+
+    network: Literal["unet", "dit"] = "unet"
+    """The network: "unet" (the DDPM U-Net, unet.py: the fields below down to dropout) or "dit"
+    (the Diffusion Transformer, dit.py: dit_size, the dit_* overrides and patch_size)."""
 
     # -- network (unet.UNet) --
     base_channels: int = Field(128, ge=1)
@@ -56,6 +72,51 @@ class DiffusionConfig(StrictModel):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout inside residual blocks (DDPM: 0.1 on CIFAR-10, 0 on LSUN / CelebA-HQ)."""
 
+    # -- network (dit.DiT) --
+    dit_size: Literal["S", "B", "L", "XL"] = "S"
+    """Published DiT size (Peebles & Xie 2023, table 1): depth, width and heads of S (12, 384,
+    6), B (12, 768, 12), L (24, 1024, 16) or XL (28, 1152, 16)."""
+    dit_depth: int | None = Field(None, ge=1)
+    """Blocks, replacing the size's (a tiny DiT for tests and CPUs)."""
+    dit_width: int | None = Field(None, ge=4)
+    """Token channels, replacing the size's; a multiple of 4 and of the heads."""
+    dit_heads: int | None = Field(None, ge=1)
+    """Attention heads, replacing the size's."""
+    patch_size: int = Field(2, ge=1)
+    """Side of the square patch each DiT token covers (DiT: 2, 4 or 8); divides image_size."""
+    latent_channels: int | None = Field(None, ge=1)
+    """Channels of the latents the network models instead of pixels (4: Stable Diffusion's
+    autoencoder), for latent-space configs; None: data.channels. The latent data path is not
+    part of this version: such a config validates and builds (on the meta device, say), and
+    training it stops with one line saying so."""
+
+    # -- conditioning --
+    num_classes: int | None = Field(None, ge=1)
+    """Classes of a class-conditional model (labels 0..num_classes-1 from the shards' .cls);
+    None: unconditional."""
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of training images whose label is replaced by the null class (conditional models
+    only), which classifier-free guidance needs (Ho & Salimans 2022: 0.1 to 0.2; DiT: 0.1);
+    0 trains no null class, and then sampling takes only guidance 1."""
+
+    # -- objective (objectives.py) --
+    objective: Literal["eps", "v", "flow_matching"] = "eps"
+    """What the network predicts: "eps" the noise (DDPM), "v" = alpha_t eps - sigma_t x0
+    (Salimans & Ho 2022), or "flow_matching" the velocity eps - x0 of x_t = (1 - t) x0 + t eps
+    in continuous time (Lipman et al. 2023; rectified flow, Liu et al. 2023)."""
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    """flow_matching: how t is drawn in training: uniform on [0, 1], or sigmoid(m + s n),
+    n ~ N(0, 1) (Esser et al. 2024, eq. 19; m = logit_mean, s = logit_std)."""
+    logit_mean: float = 0.0
+    """m of the logit-normal time sampling (SD3: 0)."""
+    logit_std: float = Field(1.0, gt=0.0)
+    """s of the logit-normal time sampling (SD3: 1)."""
+    likelihood_steps: int = Field(32, ge=1)
+    """flow_matching: steps of the probability-flow ODE solve of bits_per_dim (each costs one
+    network pass and one vector-Jacobian product per image, twice for heun)."""
+    likelihood_solver: Literal["euler", "heun"] = "heun"
+    """flow_matching: the ODE solver of bits_per_dim."""
+
     # -- forward process --
     timesteps: int = Field(1000, ge=2)
     """Number of diffusion steps T."""
@@ -71,11 +132,13 @@ class DiffusionConfig(StrictModel):
     variance: Literal["fixed_large", "fixed_small"] = "fixed_large"
     """Fixed variance of p(x_{t-1}|x_t): "fixed_large" sigma^2 = beta_t (DDPM on CIFAR-10) or
     "fixed_small" sigma^2 = posterior variance beta~_t. Used by the DDPM sampler and the bound."""
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    """Sampler `sample()` uses unless told otherwise: "ddpm" ancestral (T network calls) or
-    "ddim" (sample_steps network calls)."""
+    sampler: Literal["ddpm", "ddim", "euler", "heun"] | None = None
+    """Sampler `sample()` uses unless told otherwise: for eps and v "ddpm" ancestral (T network
+    calls) or "ddim" (sample_steps calls); for flow_matching the ODE solvers "euler"
+    (sample_steps calls) or "heun" (2 sample_steps calls). None: ddpm, or heun for flow_matching."""
     sample_steps: int = Field(50, ge=1)
-    """Network evaluations of the DDIM sampler (at most timesteps). DDPM always takes T."""
+    """Steps of the DDIM sampler (at most timesteps) and of the Euler and Heun solvers. DDPM
+    always takes T."""
     ddim_eta: float = Field(0.0, ge=0.0)
     """DDIM eta (Song et al. 2021, eq. 16): 0 deterministic, 1 the DDPM posterior variance."""
     clip_denoised: bool = True
@@ -110,10 +173,50 @@ class DiffusionConfig(StrictModel):
         if self.schedule == "linear" and self.beta_start > self.beta_end:
             raise ValueError(f"beta_start ({self.beta_start}) must not exceed beta_end "
                              f"({self.beta_end})")
-        if self.sample_steps > self.timesteps:
+        if self.objective != "flow_matching" and self.sample_steps > self.timesteps:
             raise ValueError(f"sample_steps ({self.sample_steps}) cannot exceed timesteps "
                              f"({self.timesteps})")
+        if self.sampler is not None:
+            check_sampler(self.objective, self.sampler, "sampler")
+        width, heads = self.dit_shape()[1:]
+        if self.network == "dit" and (width % heads or width % 4):
+            raise ValueError(f"the DiT width {width} must be a multiple of 4 and of its "
+                             f"{heads} heads (dit_width, dit_heads)")
         return self
+
+    def dit_shape(self) -> tuple[int, int, int]:
+        """(depth, width, heads) of the DiT: the size's, with any dit_* override."""
+        depth, width, heads = DIT_SIZES[self.dit_size]
+        return self.dit_depth or depth, self.dit_width or width, self.dit_heads or heads
+
+    def resolved_sampler(self) -> str:
+        return self.sampler or ("heun" if self.objective == "flow_matching" else "ddpm")
+
+
+DISCRETE_SAMPLERS = ("ddpm", "ddim")
+ODE_SAMPLERS = ("euler", "heun")
+
+
+def check_sampler(objective: str, sampler: str, what: str = "sampler") -> None:
+    """ValueError when ``sampler`` does not apply to ``objective``."""
+    if objective == "flow_matching" and sampler not in ODE_SAMPLERS:
+        raise ValueError(f"{what} {sampler!r} is a sampler of the discrete DDPM chain; the "
+                         f"flow_matching objective samples with 'euler' or 'heun'")
+    if objective != "flow_matching" and sampler not in DISCRETE_SAMPLERS:
+        raise ValueError(f"{what} {sampler!r} solves the flow-matching ODE; the {objective} "
+                         f"objective samples with 'ddpm' or 'ddim'")
+
+
+def check_guidance(config: "DiffusionConfig", guidance: float | None) -> None:
+    """ValueError when classifier-free guidance at ``guidance`` is not possible for this model."""
+    if guidance is None or guidance == 1.0:
+        return
+    if config.num_classes is None:
+        raise ValueError(f"guidance {guidance} needs a class-conditional model (model.num_classes "
+                         f"is not set); leave guidance out")
+    if config.label_dropout == 0:
+        raise ValueError(f"guidance {guidance} needs the null class that model.label_dropout > 0 "
+                         f"trains (it is 0 for this model); only guidance 1 is possible")
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,15 +334,25 @@ class NoiseSchedule(nn.Module):
 # Training loss
 
 
-def epsilon_loss(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image ||eps - eps_theta(x_t, t)||^2 / D at uniform t (Ho et al. eq. 14, L_simple),
-    and the timesteps drawn. Float32 whatever the autocast state of the network."""
-    t = torch.randint(0, schedule.timesteps, (x0.shape[0],), device=x0.device)
-    noise = torch.randn_like(x0, dtype=torch.float32)
-    x_t = schedule.q_sample(x0.float(), t, noise)
-    eps = eps_fn(x_t, t).float()
-    return (noise - eps).square().mean(dim=(1, 2, 3)), t
+# The objectives (eps, v, flow matching) are in objectives.py.
+
+
+def classifier_free_guidance(network: objectives.Network, x: torch.Tensor, time: torch.Tensor,
+                             labels: torch.Tensor, null_label: int | None, scale: float
+                             ) -> torch.Tensor:
+    """f_u + scale (f_c - f_u) with f_c = f(x, t, labels) and f_u = f(x, t, null) (Ho & Salimans
+    2022, eq. 6 with scale = 1 + w): both halves in one batched network pass. Scale 1 is the
+    conditional network alone (one pass of half the size). The outputs are combined in the
+    network's own parametrisation; eps, v and the velocity are linear in it given x_t, so this
+    is guidance of each of them."""
+    if scale == 1.0:
+        return network(x, time, labels)
+    if null_label is None:
+        raise UserError(f"guidance {scale} needs the null class that model.label_dropout > 0 trains")
+    both = network(torch.cat([x, x]), torch.cat([time, time]),
+                   torch.cat([labels, torch.full_like(labels, null_label)]))
+    conditional, unconditional = both.float().chunk(2)
+    return unconditional + scale * (conditional - unconditional)
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,102 +677,188 @@ def variational_bound_mc(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tenso
 
 
 class DiffusionModel(GenerativeModel):
-    """DDPM: a U-Net eps_theta trained with L_simple, sampled by DDPM or DDIM, evaluated by
-    its variational bound."""
+    """A network (U-Net or DiT) trained with an objective (eps, v or flow matching), sampled by
+    DDPM / DDIM or by an ODE solver, evaluated by its variational bound (eps, v) or its
+    probability-flow likelihood (flow matching); class-conditional with ``model.num_classes``."""
 
     bits_per_dim_kind = "upper_bound"
 
     def __init__(self, config: DiffusionConfig, image_size: int, channels: int):
         super().__init__()
         self.config = config
-        num_levels = len(config.channel_mult)
-        if image_size % 2 ** (num_levels - 1):
-            raise UserError(f"model.channel_mult: {num_levels} levels halve the resolution "
-                            f"{num_levels - 1} times, which a {image_size}px image does not allow")
-        resolutions = [image_size // 2 ** i for i in range(num_levels)]
-        unreachable = sorted(set(config.attention_resolutions) - set(resolutions))
-        if unreachable:
-            raise UserError(f"model.attention_resolutions: {unreachable} never occur; with "
-                            f"image_size {image_size} and {num_levels} levels the resolutions are "
-                            f"{resolutions}")
+        channels = config.latent_channels or channels
         self.image_shape = (channels, image_size, image_size)
-        try:
-            self.net = UNet(
-                in_channels=channels, out_channels=channels, base_channels=config.base_channels,
-                channel_mult=config.channel_mult, num_res_blocks=config.num_res_blocks,
-                attention_resolutions=config.attention_resolutions, dropout=config.dropout,
-                image_size=image_size, num_heads=config.num_heads,
-                head_channels=config.head_channels, norm_groups=config.norm_groups)
-        except ValueError as error:  # heads that don't divide a level's channels
-            raise UserError(f"model: {error}") from None
+        self.num_classes = config.num_classes
+        # Classifier-free guidance's null class is one more row of the class embedding.
+        self.null_label = (config.num_classes if config.num_classes is not None
+                           and config.label_dropout > 0 else None)
+        label_classes = None if config.num_classes is None else (
+            config.num_classes + (self.null_label is not None))
+        self.net = _network(config, image_size, channels, label_classes)
         self.schedule = NoiseSchedule(
             beta_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end),
             config.variance)
-        # Fraction of the T timesteps in each quartile (T need not be a multiple of 4).
-        # A buffer so the loss never copies from the host.
-        fractions = [sum(1 for t in range(config.timesteps) if 4 * t // config.timesteps == i)
-                     / config.timesteps for i in range(4)]
-        self.register_buffer("quartile_fractions", torch.tensor(fractions), persistent=False)
+        self.objective = objectives.build(config.objective, self.schedule, config.time_sampling,
+                                          config.logit_mean, config.logit_std)
+        self.flow_matching = config.objective == "flow_matching"
+        if self.flow_matching:
+            self.bits_per_dim_kind = "estimate"
+        # Fraction of training draws in each quarter of the noise range (T need not be a
+        # multiple of 4). A buffer so the loss never copies from the host.
+        self.register_buffer("quartile_fractions", self.objective.bucket_fractions.float(),
+                             persistent=False)
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's noise prediction in float32 (it may run in bf16 under autocast)."""
-        return self.net(x_t, t).float()
+    # -- the network, guided ------------------------------------------------------------------
 
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_simple on a uint8 batch, with the MSE overall and per timestep quartile.
+    def network(self, x_t: torch.Tensor, time: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The network's prediction in float32 (it may run in bf16 under autocast)."""
+        return (self.net(x_t, time) if labels is None else self.net(x_t, time, labels)).float()
 
-        ``mse_q{i}`` (quartile i: 4t // T == i) divides the quartile's summed MSE by its
-        *expected* count B * |q_i| / T rather than by how many of this batch's timesteps fell in
-        it: an unbiased estimate of E[mse | quartile] that is never NaN for an empty quartile,
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
+            ) -> torch.Tensor:
+        """The noise prediction at timesteps t (eps and v objectives), float32."""
+        return self.objective.eps(self.network(x_t, t, labels), x_t, t)
+
+    def _guided(self, labels: torch.Tensor | None, guidance: float = 1.0):
+        """network(x, time) conditional on ``labels`` (tiled when x holds several copies of the
+        images, as the bound's timestep batches do) and guided at ``guidance``."""
+        if labels is None:
+            return self.network
+
+        def guided(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+            rows = labels.repeat(x.shape[0] // labels.shape[0])
+            return classifier_free_guidance(self.network, x, time, rows, self.null_label, guidance)
+
+        return guided
+
+    def eps_fn(self, labels: torch.Tensor | None = None, guidance: float = 1.0) -> EpsFn:
+        """eps(x_t, t) for the DDPM samplers and the bound: conditional on ``labels``, guided."""
+        if self.flow_matching:
+            raise UserError("a flow-matching model predicts velocities; it has no eps for the "
+                            "DDPM chain")
+        guided = self._guided(labels, guidance)
+        return lambda x_t, t: self.objective.eps(guided(x_t, t), x_t, t)
+
+    def velocity_fn(self, labels: torch.Tensor | None = None, guidance: float = 1.0
+                    ) -> samplers.Velocity:
+        """v(x, t) with t in [0, 1] for the ODE solvers (flow matching), conditional, guided."""
+        guided = self._guided(labels, guidance)
+        return lambda x, t: guided(x, objectives.FLOW_TIME_SCALE * t)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch on the model's scale, [-1, 1]."""
+        if x.shape[1] != self.image_shape[0]:
+            raise UserError(f"model.latent_channels={self.config.latent_channels}: the network "
+                            f"models {self.image_shape[0]}-channel latents, and the batches hold "
+                            f"{x.shape[1]}-channel images; training on latents needs the latent "
+                            f"data path, which this version does not have")
+        return to_unit_interval(x)
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective's MSE on a uint8 batch, with the MSE overall and per quarter of the noise
+        range (timestep quartile 4t // T, or 4t for flow matching's t in [0, 1]).
+
+        ``mse_q{i}`` divides the quarter's summed MSE by its *expected* count B * p_i (p_i the
+        probability that a draw falls in it) rather than by how many of this batch's draws fell
+        in it: an unbiased estimate of E[mse | quarter] that is never NaN for an empty quarter,
         so the trainer can average it over steps and ranks like any other metric (one step's
-        value is noisy). mse = sum_i |q_i| / T * mse_q{i} exactly.
+        value is noisy). mse = sum_i p_i * mse_q{i} in expectation (exactly for eps and v).
+
+        A conditional model replaces each label by the null class with probability
+        ``model.label_dropout`` in training mode.
         """
-        mse, t = epsilon_loss(self.eps, self.schedule, to_unit_interval(x))
+        labels = self.check_labels(labels, x.shape[0])
+        if self.num_classes is not None:
+            if labels is None:
+                labels = self.default_labels(x.shape[0], x.device)
+            if self.training and self.null_label is not None:
+                dropped = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
+                labels = torch.where(dropped, torch.full_like(labels, self.null_label), labels)
+        mse, quartile = self.objective(self.network, self._inputs(x), labels)
         loss = mse.mean()
         with torch.no_grad():
-            quartile = (t * 4) // self.schedule.timesteps
-            members = (quartile[:, None] == torch.arange(4, device=t.device)).float()  # [B, 4]
-            expected = self.quartile_fractions * t.shape[0]
+            members = (quartile[:, None] == torch.arange(4, device=quartile.device)).float()  # [B, 4]
+            expected = self.quartile_fractions * quartile.shape[0]
             per_quartile = (members * mse.detach()[:, None]).sum(0) / expected
         metrics = {"mse": loss.detach()}
         metrics.update({f"mse_q{i}": per_quartile[i] for i in range(4)})
         return loss, metrics
 
+    # -- sampling -----------------------------------------------------------------------------
+
+    @staticmethod
+    def check_sample_options(config: DiffusionConfig, options: dict) -> None:
+        """ValueError for options that do not apply to this model (at config load)."""
+        if options.get("sampler") is not None:
+            check_sampler(config.objective, options["sampler"])
+        check_guidance(config, options.get("guidance"))
+
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, sampler: Literal["ddpm", "ddim"] | None = None,
-               steps: int | None = None, eta: float | None = None,
+    def sample(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
+               sampler: Literal["ddpm", "ddim", "euler", "heun"] | None = None,
+               steps: int | None = None, eta: float | None = None, guidance: float | None = None,
                batch_size: int | None = None) -> torch.Tensor:
         """n uint8 images; config defaults (sampler, sample_steps, ddim_eta) unless overridden.
 
-        x_T of each batch, then the sampler's noise, come from `generator` in order. The
-        training flag is left as found: the caller chooses eval mode.
+        ``labels`` [n]: the class of each image (a conditional model; default the classes in
+        turn). ``guidance``: the classifier-free guidance scale (default 1, the conditional
+        model; 0 the unconditional one). x_T of each batch, then the sampler's noise, come from
+        `generator` in order. The training flag is left as found: the caller chooses eval mode.
         """
-        sampler = sampler or self.config.sampler
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
-        if sampler == "ddim" and steps is None:
-            steps = self.config.sample_steps
+        sampler = sampler or self.config.resolved_sampler()
+        guidance = 1.0 if guidance is None else float(guidance)
+        try:
+            check_sampler(self.config.objective, sampler)
+            check_guidance(self.config, guidance)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        if sampler == "ddim" or sampler in ODE_SAMPLERS:
+            steps = self.config.sample_steps if steps is None else steps
         if eta is None:
             eta = self.config.ddim_eta
+        labels = self.check_labels(labels, n)
+        if self.num_classes is not None and labels is None:
+            labels = self.default_labels(n)
         device = self.schedule.betas.device
         batch_size = batch_size or n
         images = []
         for start in range(0, n, batch_size):
             shape = (min(batch_size, n - start), *self.image_shape)
             x_T = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-            x0 = SAMPLERS[sampler](self.eps, self.schedule, x_T, generator, steps=steps, eta=eta,
-                                   clip_denoised=self.config.clip_denoised)
+            rows = None if labels is None else labels[start:start + shape[0]].to(device)
+            if self.flow_matching:
+                x0 = samplers.ODE_SAMPLERS[sampler](self.velocity_fn(rows, guidance), x_T,
+                                                    samplers.flow_times(steps), generator)
+            else:
+                x0 = SAMPLERS[sampler](self.eps_fn(rows, guidance), self.schedule, x_T, generator,
+                                       steps=steps, eta=eta, clip_denoised=self.config.clip_denoised)
             images.append(to_uint8(x0))
         return torch.cat(images)
 
+    # -- likelihood ---------------------------------------------------------------------------
+
     def bound_options(self, images: int | None, *, estimator: str | None = None,
-                      timesteps_per_image: int | None = None) -> dict:
+                      timesteps_per_image: int | None = None, ode_steps: int | None = None,
+                      solver: str | None = None) -> dict:
         """The estimator of the bound for a pass over `images` images (None: unknown), as
         bits_per_dim's options: {"estimator": "exact"} or {"estimator": "mc-...",
         "timesteps_per_image": K}. Unset options come from the config (vlb_estimator,
         vlb_timesteps_per_image); "auto" becomes "exact" when images * T is at most
         EXACT_BOUND_MAX_EVALUATIONS and no timesteps_per_image was asked for, else
-        "mc-importance". K is capped at T - 1."""
+        "mc-importance". K is capped at T - 1.
+
+        A flow-matching model has no DDPM chain and so no such bound: its options are
+        {"estimator": "probability-flow-ode", "ode_steps": N, "solver": "heun" | "euler"}
+        (`flow_bits_per_dim`; defaults model.likelihood_steps and model.likelihood_solver)."""
+        if self.flow_matching:
+            return self._ode_options(estimator, timesteps_per_image, ode_steps, solver)
+        if ode_steps is not None or solver is not None:
+            raise UserError(f"ode_steps and solver apply to the probability-flow likelihood of a "
+                            f"flow-matching model; this model's objective is {self.config.objective}")
         steps = self.schedule.timesteps
         chosen = estimator or self.config.vlb_estimator
         if chosen not in ("auto", *BoundEstimator.__args__):
@@ -679,6 +878,20 @@ class DiffusionModel(GenerativeModel):
         per_image = min(timesteps_per_image or self.config.vlb_timesteps_per_image, steps - 1)
         return {"estimator": chosen, "timesteps_per_image": per_image}
 
+    def _ode_options(self, estimator, timesteps_per_image, ode_steps, solver) -> dict:
+        if estimator not in (None, "auto", ODE_ESTIMATOR) or timesteps_per_image is not None:
+            asked = f"estimator {estimator!r}" if timesteps_per_image is None else "timesteps_per_image"
+            raise UserError(f"{asked} applies to the variational bound of the eps and v "
+                            f"objectives; a flow-matching model's bits/dim is the probability-flow "
+                            f"ODE estimate (model.likelihood_steps, model.likelihood_solver)")
+        if ode_steps is not None and ode_steps < 1:
+            raise UserError(f"ode_steps must be at least 1 (got {ode_steps})")
+        solver = solver or self.config.likelihood_solver
+        if solver not in samplers.ODE_SAMPLERS:
+            raise UserError(f"unknown ODE solver {solver!r}; expected one of {sorted(samplers.ODE_SAMPLERS)}")
+        return {"estimator": ODE_ESTIMATOR, "ode_steps": ode_steps or self.config.likelihood_steps,
+                "solver": solver}
+
     def held_out_estimator(self, images: int | None, **options) -> HeldOutEstimator:
         """The bound for a pass over `images` images, with `bound_options` chosen once for the
         pass and, for "mc-importance", one `TimestepImportance` learnt over its batches."""
@@ -689,30 +902,40 @@ class DiffusionModel(GenerativeModel):
                      timestep_batch: int | None = None, estimator: str | None = None,
                      timesteps_per_image: int | None = None,
                      importance: TimestepImportance | None = None,
-                     progress: Callable[[float], None] | None = None) -> torch.Tensor:
+                     progress: Callable[[float], None] | None = None,
+                     labels: torch.Tensor | None = None, ode_steps: int | None = None,
+                     solver: str | None = None) -> torch.Tensor:
         """Upper bound on bits per dimension per image [B] from the variational bound: the exact
         sum over all T timesteps (`variational_bound`) or an unbiased Monte-Carlo estimate of it
         per image (`variational_bound_mc`), as `bound_options` chooses for this batch alone.
         "mc-importance" takes its proposal from `importance` and adds this batch's terms to it
-        (without one, from a fresh `TimestepImportance`: the 1/t proposal). Noise from
-        `generator` (CPU), else from one seeded off torch's global RNG. `progress(fraction)` after
-        each network call."""
+        (without one, from a fresh `TimestepImportance`: the 1/t proposal). Noise from `generator` (CPU), else
+        from one seeded off torch's global RNG. `progress(fraction)` after each network call.
+        A conditional model's bound is conditional on the true ``labels`` (required).
+        Flow matching: the probability-flow ODE estimate instead (`flow_bits_per_dim`)."""
+        labels = self.check_labels(labels, x.shape[0], required=True)
         options = self.bound_options(x.shape[0], estimator=estimator,
-                                     timesteps_per_image=timesteps_per_image)
+                                     timesteps_per_image=timesteps_per_image,
+                                     ode_steps=ode_steps, solver=solver)
         if generator is None:
             seed = int(torch.randint(0, 2**62, ()).item())  # CPU global RNG: no device sync
             generator = torch.Generator().manual_seed(seed)
+        if self.flow_matching:
+            return flow_bits_per_dim(self.velocity_fn(labels), self._inputs(x), generator,
+                                     steps=options["ode_steps"], solver=options["solver"],
+                                     progress=progress)
         common = dict(timestep_batch=timestep_batch or self.config.vlb_timestep_batch,
                       clip_denoised=self.config.clip_denoised, progress=progress)
-        x0 = to_unit_interval(x)
+        x0 = self._inputs(x)
+        eps_fn = self.eps_fn(labels)
         if options["estimator"] == "exact":
-            nats = variational_bound(self.eps, self.schedule, x0, generator, **common)
+            nats = variational_bound(eps_fn, self.schedule, x0, generator, **common)
         else:
             if options["estimator"] == "mc-importance" and importance is None:
                 importance = TimestepImportance(self.schedule.timesteps)
             learn = options["estimator"] == "mc-importance"
             nats, timesteps, terms = variational_bound_mc(
-                self.eps, self.schedule, x0, generator,
+                eps_fn, self.schedule, x0, generator,
                 timesteps_per_image=options["timesteps_per_image"],
                 proposal=importance.proposal() if learn else None, **common)
             if learn:
@@ -729,7 +952,67 @@ class _BoundPass(HeldOutEstimator):
         self.importance = (TimestepImportance(model.schedule.timesteps)
                            if options["estimator"] == "mc-importance" else None)
 
-    def __call__(self, x: torch.Tensor,
-                 progress: Callable[[float], None] | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, progress: Callable[[float], None] | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.bits_per_dim(x, importance=self.importance, progress=progress,
-                                       **self.options)
+                                       labels=labels, **self.options)
+
+
+# --------------------------------------------------------------------------------------------
+# Flow matching's likelihood and the networks
+
+
+ODE_ESTIMATOR = "probability-flow-ode"
+
+
+def flow_bits_per_dim(velocity: samplers.Velocity, x0: torch.Tensor, generator: torch.Generator,
+                      *, steps: int, solver: str = "heun",
+                      progress: Callable[[float], None] | None = None) -> torch.Tensor:
+    """Bits/dim [B] of images on the 256-level grid of [-1, 1] (x0 = 2k / 255 - 1) under a
+    flow-matching model, from its probability-flow ODE (`samplers.ode_log_likelihood`).
+
+    Dequantised as flows are (Theis et al. 2016, sec. 3.1): y = x0 + (u - 1/2) 2/255 with
+    u ~ U[0, 1)^D from ``generator`` fills the pixel's bin of width 2/255 around the level the
+    model was trained on, and -log2 P(k) <= E_u[-log p(y)] - D log(2/255), in bits per dimension.
+    Reported as an estimate, not a bound: one draw of u and of the Hutchinson probe per image
+    (both unbiased), and an ODE solved in ``steps`` steps, whose error has no sign."""
+    dims = math.prod(x0.shape[1:])
+    u = torch.rand(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+    y = x0.float() + (u - 0.5) * (2.0 / 255.0)
+    log_density = samplers.ode_log_likelihood(velocity, y, generator, steps=steps, solver=solver,
+                                              progress=progress)
+    nats = -(log_density + dims * math.log(2.0 / 255.0))
+    return (nats / (dims * math.log(2))).float()
+
+
+def _network(config: DiffusionConfig, image_size: int, channels: int, label_classes: int | None
+             ) -> nn.Module:
+    """The network of ``model.network``, sized for the image and the classes (or a UserError
+    naming the field that does not fit)."""
+    if config.network == "dit":
+        depth, width, heads = config.dit_shape()
+        if image_size % config.patch_size:
+            raise UserError(f"model.patch_size: {config.patch_size} does not divide the "
+                            f"{image_size}px image into patches")
+        return DiT(channels, channels, image_size, config.patch_size, depth, width, heads,
+                   label_classes)
+    num_levels = len(config.channel_mult)
+    if image_size % 2 ** (num_levels - 1):
+        raise UserError(f"model.channel_mult: {num_levels} levels halve the resolution "
+                        f"{num_levels - 1} times, which a {image_size}px image does not allow")
+    resolutions = [image_size // 2 ** i for i in range(num_levels)]
+    unreachable = sorted(set(config.attention_resolutions) - set(resolutions))
+    if unreachable:
+        raise UserError(f"model.attention_resolutions: {unreachable} never occur; with "
+                        f"image_size {image_size} and {num_levels} levels the resolutions are "
+                        f"{resolutions}")
+    try:
+        return UNet(
+            in_channels=channels, out_channels=channels, base_channels=config.base_channels,
+            channel_mult=config.channel_mult, num_res_blocks=config.num_res_blocks,
+            attention_resolutions=config.attention_resolutions, dropout=config.dropout,
+            image_size=image_size, num_heads=config.num_heads,
+            head_channels=config.head_channels, norm_groups=config.norm_groups,
+            label_classes=label_classes)
+    except ValueError as error:  # heads that don't divide a level's channels
+        raise UserError(f"model: {error}") from None

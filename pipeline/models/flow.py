@@ -29,6 +29,12 @@ Bits/dim accounting (what ``bits_per_dim`` and the loss report), for x ∈ {0..2
    (Theis et al. 2016 sec. 3.1; Ho et al. 2019 eq. 12). For uniform dequantisation log q = 0.
 6. bits/dim = −(log p(x + u) − log q(u|x)) / (D·ln 2), one draw of u per image.
 
+Class-conditional flows (``num_classes``) follow Glow's y-conditioning (Kingma & Dhariwal 2018,
+sec. 5, "ycond"): the prior of the top-level latents is N(μ_y, diag σ_y²) with a mean and a
+log-std per channel (shared by every position) from a zero-initialised embedding of the class,
+so it starts as N(0, I); the invertible map itself is the same for every class. Sampling draws
+the top latents from the asked class's prior.
+
 So the reported number is a single-sample (unbiased) estimate of an *upper bound* on the discrete
 model's −log2 P(x)/D: ``bits_per_dim_kind = "upper_bound"``. It is the number the literature
 reports for dequantised flows (Glow's 3.35 on CIFAR-10 is this quantity), so it is comparable;
@@ -87,6 +93,9 @@ class FlowConfig(StrictModel):
     temperature: float = Field(default=0.7, gt=0)
     """Default sampling temperature: latents drawn with their prior std scaled by this (Glow
     sec. 5: T = 0.7 gives better-looking samples than 1.0)."""
+    num_classes: int | None = Field(default=None, ge=1)
+    """Classes of a class-conditional flow (labels 0..num_classes-1): a class-conditional prior
+    of the top latents (Glow's y-conditioning). None: unconditional."""
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -365,8 +374,9 @@ class FlowNetwork(nn.Module):
                 c -= c // 2
         self.top_channels = c
 
-    def forward(self, v: torch.Tensor):
-        """-> (latents, Σ log|det J| [B], Σ log prior of the latents [B])."""
+    def forward(self, v: torch.Tensor, top_prior=None):
+        """-> (latents, Σ log|det J| [B], Σ log prior of the latents [B]); ``top_prior``: the
+        (mean, log-std) of the top latents' prior, broadcastable to them (None: N(0, I))."""
         logdet = v.new_zeros(v.shape[0], dtype=_acc_dtype(v))
         log_prior = torch.zeros_like(logdet)
         latents = []
@@ -380,12 +390,23 @@ class FlowNetwork(nn.Module):
                 latents.append(z)
                 log_prior = log_prior + split_log_prior
         latents.append(h)
-        log_prior = log_prior + _gaussian_log_prob(h)
+        if top_prior is None:
+            log_prior = log_prior + _gaussian_log_prob(h)
+        else:
+            mean, log_std = top_prior
+            log_prior = log_prior + _gaussian_log_prob(h, mean.expand_as(h), log_std.expand_as(h))
         return latents, logdet, log_prior
 
-    def inverse(self, latents=None, noises=None, temperature: float = 1.0) -> torch.Tensor:
-        """v from given latents (reconstruction), or sampled from noises with a temperature."""
-        h = latents[-1] if latents is not None else temperature * noises[-1]
+    def inverse(self, latents=None, noises=None, temperature: float = 1.0, top_prior=None) -> torch.Tensor:
+        """v from given latents (reconstruction), or sampled from noises with a temperature
+        (the top latents from ``top_prior`` when given, as in `forward`)."""
+        if latents is not None:
+            h = latents[-1]
+        elif top_prior is None:
+            h = temperature * noises[-1]
+        else:
+            mean, log_std = top_prior
+            h = (mean + temperature * torch.exp(log_std) * noises[-1]).to(noises[-1].dtype)
         for index in reversed(range(len(self.levels))):
             if index < len(self.splits):
                 z = latents[index] if latents is not None else None
@@ -454,6 +475,11 @@ class FlowModel(GenerativeModel):
             )
         self.config, self.image_size, self.channels = config, image_size, channels
         self.flow = FlowNetwork(config, channels)
+        self.num_classes = config.num_classes
+        if config.num_classes is not None:
+            # Glow's y-conditioning: the top prior's mean and log-std per channel, per class.
+            self.class_prior = nn.Embedding(config.num_classes, 2 * self.flow.top_channels)
+            nn.init.zeros_(self.class_prior.weight)
         self.dequantizer = (
             VariationalDequantizer(channels, config.dequant_depth, config.dequant_hidden_channels)
             if config.dequantization == "variational"
@@ -463,7 +489,21 @@ class FlowModel(GenerativeModel):
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def _log_likelihood_terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _top_prior(self, labels: torch.Tensor | None):
+        """(mean, log-std) [B, C_top, 1, 1] of the top latents' prior for these classes, or None."""
+        if labels is None:
+            return None
+        mean, log_std = self.class_prior(labels).float().view(-1, 2, self.flow.top_channels, 1, 1).unbind(1)
+        return mean, log_std
+
+    def _labels(self, labels: torch.Tensor | None, count: int, device, required: bool = False):
+        labels = self.check_labels(labels, count, required=required)
+        if self.num_classes is not None and labels is None:
+            labels = self.default_labels(count, device)
+        return labels
+
+    def _log_likelihood_terms(self, x: torch.Tensor, labels: torch.Tensor | None = None
+                              ) -> dict[str, torch.Tensor]:
         """Per-image terms of the bound of the module docstring, in nats [B]."""
         device, dtype = x.device, self._dtype()
         x = x.to(dtype)
@@ -475,13 +515,14 @@ class FlowModel(GenerativeModel):
             u, log_q = self.dequantizer(x / 255.0 - 0.5, noise)
             u = u.to(dtype)
         v = (x + u) / 256.0 - 0.5
-        _, logdet, log_prior = self.flow(v)
+        _, logdet, log_prior = self.flow(v, self._top_prior(labels))
         dims = x[0].numel()
         log_density = log_prior + logdet - dims * LOG_256  # log p(x + u) on [0, 256)^D
         return {"log_prior": log_prior, "logdet": logdet, "log_q": log_q, "bound": log_density - log_q}
 
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms = self._log_likelihood_terms(x)
+    def loss(self, x: torch.Tensor, labels: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self._log_likelihood_terms(x, self._labels(labels, x.shape[0], x.device))
         scale = 1.0 / (x[0].numel() * math.log(2.0))
         bits_per_dim = -terms["bound"] * scale
         loss = bits_per_dim.mean()
@@ -495,15 +536,18 @@ class FlowModel(GenerativeModel):
         return loss.float(), metrics
 
     @torch.no_grad()
-    def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
-        terms = self._log_likelihood_terms(x)
+    def bits_per_dim(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The bound of the module docstring per image; conditional on the true labels."""
+        terms = self._log_likelihood_terms(x, self._labels(labels, x.shape[0], x.device, required=True))
         return (-terms["bound"] / (x[0].numel() * math.log(2.0))).float()
 
     @torch.no_grad()
     def sample(
-        self, n: int, generator: torch.Generator, temperature: float | None = None, **options
+        self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
+        temperature: float | None = None, **options
     ) -> torch.Tensor:
-        """n uint8 images by the inverse pass from latents drawn at `temperature` (config default)."""
+        """n uint8 images by the inverse pass from latents drawn at `temperature` (config default),
+        the top latents from the given classes' prior for a conditional flow."""
         if options:
             raise UserError(
                 f"sampling options {sorted(options)} are not understood by the flow family (temperature only)"
@@ -514,6 +558,8 @@ class FlowModel(GenerativeModel):
             torch.randn((n, *shape), generator=generator).to(device=device, dtype=dtype)
             for shape in self.flow.latent_shapes(self.channels, self.image_size)
         ]
-        v = self.flow.inverse(noises=noises, temperature=temperature)
+        labels = self._labels(labels, n, device)
+        top_prior = None if labels is None else self._top_prior(labels.to(device))
+        v = self.flow.inverse(noises=noises, temperature=temperature, top_prior=top_prior)
         # x + u = 256 (v + 1/2) lies in [0, 256); its integer part is the pixel.
         return torch.floor((v.float() + 0.5) * 256.0).clamp_(0, 255).to(torch.uint8)

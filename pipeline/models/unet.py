@@ -1,10 +1,11 @@
-"""The DDPM U-Net (Ho et al. 2020, appendix B): a network eps(x, t), nothing about diffusion.
+"""The DDPM U-Net (Ho et al. 2020, appendix B): a network f(x, t[, labels]), nothing about diffusion.
 
 A PixelCNN++-style U-Net backbone (Salimans et al. 2017) with Wide-ResNet blocks, GroupNorm,
 the timestep added inside every residual block, and self-attention at chosen resolutions.
 Layout, top to bottom:
 
     timestep -> sinusoidal(ch) -> Linear(ch, 4ch) -> SiLU -> Linear(4ch, 4ch)        = temb
+    (class-conditional: temb += Embedding(label), as improved-diffusion's label_emb)
     conv_in 3x3
     per level i (resolution image_size / 2^i): num_res_blocks x [ResBlock(ch * mult[i]) (+ attn)],
         then a stride-2 3x3 conv down (not after the last level); every output kept as a skip
@@ -77,7 +78,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x, t): [B, in_channels, S, S] and timesteps [B] -> [B, out_channels, S, S].
+    """f(x, t, labels): [B, in_channels, S, S], timesteps [B] (and class labels [B]) -> [B, out_channels, S, S].
 
     Args:
         in_channels / out_channels: image channels in and out.
@@ -91,13 +92,15 @@ class UNet(nn.Module):
         image_size: input height and width, needed to know which level has which resolution.
         num_heads / head_channels: attention heads; head_channels, when given, wins.
         norm_groups: groups of every GroupNorm (DDPM: 32).
+        label_classes: rows of the class embedding added to the timestep embedding (the classes,
+            plus one for the null class of classifier-free guidance); None: unconditional.
     """
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int = 128,
                  channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.0,
                  image_size: int = 32, num_heads: int = 1, head_channels: int | None = None,
-                 norm_groups: int = 32):
+                 norm_groups: int = 32, label_classes: int | None = None):
         super().__init__()
         if not channel_mult:
             raise ValueError("UNet: channel_mult must have at least one level")
@@ -116,6 +119,8 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, temb_channels), nn.SiLU(),
             nn.Linear(temb_channels, temb_channels))
+        # None adds no parameters: an unconditional network keeps DDPM's parameter names.
+        self.label_embed = nn.Embedding(label_classes, temb_channels) if label_classes else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, kernel_size=3, padding=1)
 
         def res(cin: int, cout: int) -> ResBlock:
@@ -171,8 +176,12 @@ class UNet(nn.Module):
         for module in zeroed:
             nn.init.zeros_(module.weight)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         temb = self.time_embed(timestep_embedding(t, self.base_channels))
+        if self.label_embed is not None:
+            if labels is None:
+                raise ValueError("UNet: this network is class-conditional and needs labels")
+            temb = temb + self.label_embed(labels)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:

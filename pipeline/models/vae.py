@@ -20,6 +20,13 @@ Both only shape the training objective; the metrics and ``bits_per_dim`` always 
 samples the tighter IWAE bound (Burda et al. 2016, eq. 8)
     log p(x) ≥ log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x).
 Losses and bits/dim divide nats by D·ln 2, D = C·H·W.
+
+Class-conditional (``num_classes``; the conditional VAE of Sohn et al. 2015): the encoder
+q(z|x, y) and the decoder p(x|z, y) add a learned per-class bias to the channels of their first
+convolution, and the prior p(z|y) = N(μ_y, diag σ_y²) has a learned mean and log-variance map per
+class, zero at initialisation (so it starts as N(0, I)). The KL term is then between two
+Gaussians, ½ Σ_j (log σ_y,j² − log σ_j² + (σ_j² + (μ_j − μ_y,j)²) / σ_y,j² − 1), and sampling
+draws z ~ N(μ_y, T² σ_y²) for the asked classes.
 """
 
 from __future__ import annotations
@@ -72,11 +79,21 @@ class VAEConfig(StrictModel):
     below λ nats per latent dimension. 0 disables it."""
     iwae_samples: int = Field(default=1, ge=1)
     """Importance samples K of ``bits_per_dim``: 1 reports −ELBO, K > 1 the IWAE bound."""
+    num_classes: int | None = Field(default=None, ge=1)
+    """Classes of a class-conditional VAE (labels 0..num_classes-1): conditional encoder,
+    decoder and prior. None: unconditional."""
 
 
 def gaussian_kl_to_standard(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Elementwise KL(N(mean, e^logvar) ‖ N(0, 1)) in nats (Kingma & Welling 2014, appendix B)."""
     return 0.5 * (mean**2 + torch.exp(logvar) - 1.0 - logvar)
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Tensor,
+                prior_logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(N(mean, e^logvar) ‖ N(prior_mean, e^prior_logvar)) in nats."""
+    return 0.5 * (prior_logvar - logvar + (torch.exp(logvar) + (mean - prior_mean) ** 2)
+                  * torch.exp(-prior_logvar) - 1.0)
 
 
 def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor | None = None, logvar: torch.Tensor | None = None):
@@ -107,12 +124,30 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
+def _class_bias(config: VAEConfig) -> nn.Embedding | None:
+    """A learned bias per class on the first convolution's channels (conditional models)."""
+    if config.num_classes is None:
+        return None
+    bias = nn.Embedding(config.num_classes, config.hidden_channels)
+    nn.init.zeros_(bias.weight)
+    return bias
+
+
+def _first_conv_then_rest(network: nn.Sequential, bias: nn.Embedding | None, x: torch.Tensor,
+                          labels: torch.Tensor | None) -> torch.Tensor:
+    h = network[0](x)
+    if bias is not None:
+        h = h + bias(labels).to(h.dtype)[:, :, None, None]
+    return network[1:](h)
+
+
 class Encoder(nn.Module):
-    """x on [−1, 1] -> (μ, log σ²) of q(z|x), each [B, latent_channels, H/f, W/f]."""
+    """x on [−1, 1] (and the class) -> (μ, log σ²) of q(z|x[, y]), each [B, latent_channels, H/f, W/f]."""
 
     def __init__(self, config: VAEConfig, channels: int):
         super().__init__()
         width = config.hidden_channels
+        self.class_bias = _class_bias(config)
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1)]
         for _ in range(config.downsample_levels):
             layers += [ResBlock(width) for _ in range(config.res_blocks)]
@@ -121,19 +156,21 @@ class Encoder(nn.Module):
         layers += [_group_norm(width), nn.SiLU(), nn.Conv2d(width, 2 * config.latent_channels, 3, padding=1)]
         self.network = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.network(x)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = _first_conv_then_rest(self.network, self.class_bias, x, labels)
         h = h.to(torch.promote_types(h.dtype, torch.float32))  # KL and σ in fp32 under autocast
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
 
 class Decoder(nn.Module):
-    """z -> logistic-mixture parameters [B, mixture_param_channels(K, C), H, W]."""
+    """z (and the class) -> logistic-mixture parameters [B, mixture_param_channels(K, C), H, W]."""
 
     def __init__(self, config: VAEConfig, channels: int):
         super().__init__()
         width = config.hidden_channels
+        self.class_bias = _class_bias(config)
         layers: list[nn.Module] = [nn.Conv2d(config.latent_channels, width, 3, padding=1)]
         layers += [ResBlock(width) for _ in range(config.res_blocks)]
         for _ in range(config.downsample_levels):
@@ -143,8 +180,8 @@ class Decoder(nn.Module):
         layers += [_group_norm(width), nn.SiLU(), nn.Conv2d(width, out_channels, 3, padding=1)]
         self.network = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.network(z)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return _first_conv_then_rest(self.network, self.class_bias, z, labels)
 
 
 class VAEModel(GenerativeModel):
@@ -168,6 +205,11 @@ class VAEModel(GenerativeModel):
         self.latent_shape = (config.latent_channels, image_size // factor, image_size // factor)
         self.encoder = Encoder(config, channels)
         self.decoder = Decoder(config, channels)
+        self.num_classes = config.num_classes
+        if config.num_classes is not None:
+            # p(z|y): a mean and a log-variance map per class, zero (N(0, I)) at initialisation.
+            self.prior = nn.Embedding(config.num_classes, 2 * math.prod(self.latent_shape))
+            nn.init.zeros_(self.prior.weight)
         # Training calls of `loss` so far, for the KL warm-up; a buffer so checkpoints carry it.
         self.register_buffer("kl_warmup_calls", torch.zeros((), dtype=torch.long))
 
@@ -179,22 +221,45 @@ class VAEModel(GenerativeModel):
             return torch.full((), self.config.beta, device=self.kl_warmup_calls.device)
         return self.config.beta * (self.kl_warmup_calls.float() / steps).clamp(max=1.0)
 
-    def _encode(self, x: torch.Tensor):
-        return self.encoder(to_unit_interval(x).to(self._dtype()))
+    def _encode(self, x: torch.Tensor, labels: torch.Tensor | None = None):
+        return self.encoder(to_unit_interval(x).to(self._dtype()), labels)
 
     def _dtype(self) -> torch.dtype:
         return self.decoder.network[0].weight.dtype
 
-    def _reconstruction_log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) per image [B], in nats."""
-        params = self.decoder(z.to(self._dtype()))
+    def _reconstruction_log_prob(self, x: torch.Tensor, z: torch.Tensor,
+                                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x|z[, y]) per image [B], in nats."""
+        params = self.decoder(z.to(self._dtype()), labels)
         return discretized_mix_logistic_log_prob(x, params, self.config.num_mixtures).flatten(1).sum(1)
 
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mean, logvar = self._encode(x)
+    def prior_params(self, labels: torch.Tensor | None):
+        """(mean, log-variance) of p(z|y), each [B, *latent_shape] in float32; (None, None) for
+        the unconditional prior N(0, I)."""
+        if labels is None:
+            return None, None
+        mean, logvar = self.prior(labels).float().view(-1, 2, *self.latent_shape).unbind(1)
+        return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    def _kl_per_dim(self, mean, logvar, labels):
+        prior_mean, prior_logvar = self.prior_params(labels)
+        if prior_mean is None:
+            return gaussian_kl_to_standard(mean, logvar)
+        return gaussian_kl(mean, logvar, prior_mean, prior_logvar)
+
+    def _labels(self, labels: torch.Tensor | None, count: int, device, required: bool = False):
+        labels = self.check_labels(labels, count, required=required)
+        if self.num_classes is not None and labels is None:
+            labels = self.default_labels(count, device)
+        return labels
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = self._labels(labels, x.shape[0], x.device)
+        mean, logvar = self._encode(x, labels)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        reconstruction_nll = -self._reconstruction_log_prob(x, z)
-        kl_per_dim = gaussian_kl_to_standard(mean, logvar)
+        reconstruction_nll = -self._reconstruction_log_prob(x, z, labels)
+        kl_per_dim = self._kl_per_dim(mean, logvar, labels)
         kl = kl_per_dim.flatten(1).sum(1)
 
         if self.config.free_bits > 0:
@@ -220,37 +285,48 @@ class VAEModel(GenerativeModel):
         return loss, metrics
 
     @torch.no_grad()
-    def bits_per_dim(self, x: torch.Tensor, iwae_samples: int | None = None) -> torch.Tensor:
-        """Per-image −ELBO (K = 1) or IWAE bound (K > 1) in bits/dim; K defaults to the config's."""
+    def bits_per_dim(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                     iwae_samples: int | None = None) -> torch.Tensor:
+        """Per-image −ELBO (K = 1) or IWAE bound (K > 1) in bits/dim; K defaults to the config's.
+        A conditional VAE's bound is on log p(x|y), given the true labels."""
         samples = self.config.iwae_samples if iwae_samples is None else iwae_samples
         if samples < 1:
             raise ValueError(f"iwae_samples must be >= 1, got {samples}")
-        mean, logvar = self._encode(x)
+        labels = self._labels(labels, x.shape[0], x.device, required=True)
+        mean, logvar = self._encode(x, labels)
         std = torch.exp(0.5 * logvar)
         if samples == 1:
             z = mean + std * torch.randn_like(mean)
-            kl = gaussian_kl_to_standard(mean, logvar).flatten(1).sum(1)
-            bound = self._reconstruction_log_prob(x, z) - kl
+            kl = self._kl_per_dim(mean, logvar, labels).flatten(1).sum(1)
+            bound = self._reconstruction_log_prob(x, z, labels) - kl
         else:
+            prior_mean, prior_logvar = self.prior_params(labels)
             log_weights = []
             for _ in range(samples):
                 z = mean + std * torch.randn_like(mean)
                 log_weights.append(
-                    self._reconstruction_log_prob(x, z)
-                    + gaussian_log_prob(z)
+                    self._reconstruction_log_prob(x, z, labels)
+                    + gaussian_log_prob(z, prior_mean, prior_logvar)
                     - gaussian_log_prob(z, mean, logvar)
                 )
             bound = torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(samples)
         return -bound / (x[0].numel() * math.log(2.0))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, temperature: float = 1.0, **options) -> torch.Tensor:
-        """z ~ N(0, T²I) -> decoder -> a draw from the pixel mixture; noise from `generator`."""
+    def sample(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
+               temperature: float = 1.0, **options) -> torch.Tensor:
+        """z ~ N(0, T²I) (conditional: N(μ_y, T²σ_y²) for the given classes) -> decoder -> a draw
+        from the pixel mixture; noise from `generator`."""
         if options:
             raise UserError(
                 f"sampling options {sorted(options)} are not understood by the vae family (temperature only)"
             )
         device = self.decoder.network[0].weight.device
-        z = temperature * torch.randn((n, *self.latent_shape), generator=generator)
-        params = self.decoder(z.to(device=device, dtype=self._dtype()))
+        labels = self._labels(labels, n, device)
+        z = temperature * torch.randn((n, *self.latent_shape), generator=generator).to(device)
+        if labels is not None:
+            labels = labels.to(device)
+            prior_mean, prior_logvar = self.prior_params(labels)
+            z = prior_mean + torch.exp(0.5 * prior_logvar) * z
+        params = self.decoder(z.to(device=device, dtype=self._dtype()), labels)
         return sample_discretized_mix_logistic(params, self.config.num_mixtures, self.channels, generator)

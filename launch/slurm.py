@@ -21,6 +21,10 @@ Signal policy (see docs/slurm.md):
   requeued job resumes from the checkpoint in the run directory.
 - SIGTERM (plain ``scancel``, or Slurm's own preemption, which requeues by itself when the
   partition says so): save and exit, never requeued by us.
+- A hung rank (no training progress for ``distributed.hang_timeout_minutes``, see
+  pipeline/watchdog.py): the process whose watchdog reports it requeues the job (same
+  ``slurm.max_requeues`` count) before exiting with EXIT_HUNG, so the job resumes from its last
+  checkpoint instead of burning its time limit in a dead collective.
 - Anything else (an exception, a non-zero return) fails the job; srun's ``--kill-on-bad-exit``
   stops the other ranks, and nothing requeues it.
 submitit installs its own USR2 handler (which would requeue from inside the handler, without a
@@ -397,10 +401,12 @@ class SlurmEntry:
                    nodes=os.environ.get("SLURM_JOB_NODELIST"), world_size=int(os.environ["WORLD_SIZE"]))
 
         from pipeline import config as config_module
-        from pipeline import trainer
+        from pipeline import trainer, watchdog
 
         try:
             config = config_module.load(self.config_path)
+            max_requeues = config.slurm.max_requeues
+            watchdog.on_hang(lambda report: self._requeue_after_hang(run_dir, job_id, max_requeues, report))
             code = trainer.run(config)
         except UserError as exc:
             # A user's mistake seen only on the nodes (a path, the data): one line, no requeue.
@@ -453,6 +459,27 @@ class SlurmEntry:
         _event(run_dir, "requeued", job_id=job_id, requeues=done + 1)
         print(f"stopped by {signame}: checkpoint saved, job {job_id} requeued "
               f"({done + 1}/{max_requeues})", flush=True)
+
+
+    @staticmethod
+    def _requeue_after_hang(run_dir: Path, job_id: str, max_requeues: int, report: dict) -> None:
+        """In the process that reported a hung rank, before it exits: requeue the job (it resumes
+        from its last checkpoint) unless it was requeued ``max_requeues`` times already."""
+        _event(run_dir, "hung", job_id=job_id, **{k: report[k] for k in ("rank", "host", "step")})
+        done = queries.read_requeues(run_dir, job_id)
+        if done >= max_requeues:
+            print(f"hung rank: not requeued, slurm.max_requeues={max_requeues} reached. Resubmit to continue.",
+                  flush=True)
+            _event(run_dir, "not_requeued", job_id=job_id, requeues=done)
+            return
+        queries.write_requeues(run_dir, job_id, done + 1)
+        result = queries.run(["scontrol", "requeue", job_id])
+        if result.returncode != 0:
+            queries.write_requeues(run_dir, job_id, done)
+            print(f"scontrol requeue {job_id} failed: {result.stderr.strip()}; resubmit to continue", flush=True)
+            return
+        _event(run_dir, "requeued", job_id=job_id, requeues=done + 1)
+        print(f"hung rank: job {job_id} requeued ({done + 1}/{max_requeues})", flush=True)
 
 
 def _event(run_dir: Path, event: str, **fields: Any) -> None:

@@ -5,9 +5,10 @@ the one named with ``--checkpoint``, else the run directory's newest intact chec
 (`RunDir.latest_checkpoint`, the same one training resumes from), verified either way.
 
 ``launch export`` writes one safetensors file of the model's plain state_dict (the EMA weights by
-default) with the resolved run config in its metadata, whatever strategy trained the run (DDP, or
-DeepSpeed ZeRO-1/2/3, whose checkpoints already hold whole fp32 weights): ``launch sample
-model.safetensors`` then needs nothing else and no DeepSpeed.
+default) with the resolved run config in its metadata, whatever strategy trained the run: DDP's
+whole files, or the per-rank pieces of ZeRO-3 and FSDP2 (pipeline/sharding.py), assembled here
+in this one process, without a process group. ``launch sample model.safetensors`` then needs
+nothing else, and neither DeepSpeed nor torch.distributed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pipeline.checkpoint import LoadedCheckpoint
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir, atomic_write
+from pipeline.sharding import PartReader
 from pipeline.strategies.base import load_module_state
 
 WEIGHTS_FORMAT = "genpipe-weights/1"
@@ -46,7 +48,12 @@ def run_checkpoint(run_dir: str | Path, checkpoint_path: str | None = None) -> L
 
 
 def _weights_name(loaded: LoadedCheckpoint, use_ema: bool) -> str:
-    return "ema" if use_ema and loaded.has("ema.safetensors") else "model"
+    return "ema" if use_ema and PartReader(loaded, "ema").exists else "model"
+
+
+def whole_weights(loaded: LoadedCheckpoint, which: str) -> dict:
+    """The ``model`` or ``ema`` state_dict of a checkpoint, whole, however it was written."""
+    return PartReader(loaded, which).state_dict()
 
 
 def load_model(run_dir: str | Path, use_ema: bool = True, checkpoint_path: str | None = None, device: str = "cpu"):
@@ -57,7 +64,7 @@ def load_model(run_dir: str | Path, use_ema: bool = True, checkpoint_path: str |
     config = load_run_config(run_dir)
     loaded = run_checkpoint(run_dir, checkpoint_path)
     model = models.build(config.model, config.data.image_size, config.data.channels)
-    load_module_state(model, loaded.tensors(f"{_weights_name(loaded, use_ema)}.safetensors"), loaded.path)
+    load_module_state(model, whole_weights(loaded, _weights_name(loaded, use_ema)), loaded.path)
     model.to(device).eval()
     return model, loaded.manifest, config
 
@@ -66,7 +73,7 @@ def export_weights(run_dir: str, out: str, use_ema: bool = True, checkpoint_path
     config = load_run_config(run_dir)
     loaded = run_checkpoint(run_dir, checkpoint_path)
     which = _weights_name(loaded, use_ema)
-    tensors = loaded.tensors(f"{which}.safetensors")
+    tensors = whole_weights(loaded, which)
     # Fail here, not at sampling time, if the weights do not fit the config's architecture.
     model = models.build(config.model, config.data.image_size, config.data.channels)
     load_module_state(model, tensors, loaded.path)

@@ -3,10 +3,14 @@
 Layout of ``run_dir/checkpoints/``::
 
     step-000001000/              one complete checkpoint
-        model.safetensors        weights (rank 0; identical on every rank under DDP)
-        ema.safetensors          EMA weights, when EMA is on
-        optimizer.pt             optimizer state_dict (torch.save; loaded with weights_only=True)
-        trainer.json             step, images seen, LR scheduler, loss scaler, world size, W&B id
+        model.safetensors        weights (rank 0; identical on every rank under DDP); under a
+                                 sharding strategy only the buffers, the weights being in
+        model.rank-00000.safetensors   each rank's pieces (pipeline/sharding.py), like
+        ema[.rank-00000].safetensors   the EMA weights, when EMA is on, and
+        optimizer.pt | optimizer.rank-00000.safetensors   the optimizer state (DDP: its
+                                 state_dict, loaded with weights_only=True; sharded: AdamW moments)
+        shards.json              sharded strategies: which rank holds which piece of what
+        trainer.json             step, images seen, loss scaler, world size, strategy, AdamW step
         rank-00000.json          per-rank: Python/NumPy RNG, data-stream position
         rank-00000.safetensors   per-rank: torch CPU/CUDA RNG state
         ...
@@ -29,6 +33,7 @@ docs/checkpoints.md says what is guaranteed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -294,11 +299,29 @@ def latest_valid(run_dir: str | os.PathLike, warn: Callable[[str], None] | None 
 class LoadedCheckpoint:
     path: Path
     manifest: dict
+    bytes_read: int = 0
+    """What this process read of the checkpoint (benchmarks/sharding_memory.py reports it)."""
+    seconds: float = 0.0
+    """Time this process spent inside `timed` sections: reading, verifying, decoding, placing."""
+    _timing: int = 0
+
+    @contextlib.contextmanager
+    def timed(self):
+        """Count the time inside towards `seconds` (nested sections count once)."""
+        self._timing += 1
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timing -= 1
+            if self._timing == 0:
+                self.seconds += time.perf_counter() - started
 
     def read(self, name: str) -> bytes:
         """A file's bytes, checked against the manifest's sha256 (the bytes actually decoded are
         the bytes that were verified, whichever rank or node reads them)."""
         data = (self.path / name).read_bytes()
+        self.bytes_read += len(data)
         record = self.manifest.get("files", {}).get(name)
         if record is not None and hashlib.sha256(data).hexdigest() != record["sha256"]:
             raise UserError(

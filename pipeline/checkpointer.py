@@ -3,15 +3,18 @@
 A checkpoint composes the training state's named parts (pipeline/checkpoint.py has the on-disk
 format: staged, hashed, renamed into place)::
 
-    model.safetensors, optimizer.*   the strategy's part (`Strategy.checkpoint_parts`)
-    ema.safetensors                  the EMA weights, when EMA is on
+    model.*, ema.*, optimizer.*      the strategy's part (`Strategy.checkpoint_parts`): whole files
+                                     from rank 0 (DDP), or every rank's own pieces (ZeRO, FSDP2;
+                                     pipeline/sharding.py), written by all ranks in parallel
     trainer.json                     progress (step, images seen), world size, family, strategy,
                                      skipped-step total, and the strategy's fields (loss scale...)
     rank-RRRRR.json / .safetensors   each process's random streams and data-stream position
 
 `Checkpointer.find` picks the newest intact checkpoint once (rank 0 verifies every hash; the others
 take its choice) and returns a `Resume`, which hands each part back in the order the trainer
-builds things (docs/architecture.md, "Starting a process"). `Checkpointer.save` is collective.
+builds things (docs/architecture.md, "Starting a process"); the strategy restores its own part.
+`Checkpointer.save` is collective. Each rank appends what a save and a resume cost it (seconds,
+bytes, the training state it holds) to its ``ranks/rank-RRRRR.jsonl`` record.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, watchdog
 from pipeline.checkpoint import LoadedCheckpoint
 
 log = logging.getLogger("pipeline.trainer")
@@ -73,6 +77,15 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def peak_memory_so_far(device: torch.device) -> dict[str, float]:
+    """Peak host RSS (and GPU memory) of this process until now: at a checkpoint, the training's
+    own peak, before anything at the end of the run (a final whole-weights digest) adds to it."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
 # ---------------------------------------------------------------------------------------------
 # Resuming
 
@@ -80,8 +93,9 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
 class Resume:
     """A chosen checkpoint, handed back part by part as the trainer builds each owner."""
 
-    def __init__(self, loaded: LoadedCheckpoint, processes, seed: int):
+    def __init__(self, loaded: LoadedCheckpoint, processes, seed: int, run_dir=None):
         self.loaded = loaded
+        self.run_dir = run_dir
         self.path = loaded.path
         self.processes = processes
         self.seed = seed
@@ -99,8 +113,9 @@ class Resume:
         rank, world_size = self.processes.rank, self.processes.world_size
         rank_json = checkpoint.rank_file(rank, "json")
         if self.saved_world_size == world_size and self.loaded.has(rank_json):
-            rank_state = self.loaded.json(rank_json)
-            set_rng_state(rank_state["rng"], self.loaded.tensors(checkpoint.rank_file(rank, "safetensors")))
+            with self.loaded.timed():
+                rank_state = self.loaded.json(rank_json)
+                set_rng_state(rank_state["rng"], self.loaded.tensors(checkpoint.rank_file(rank, "safetensors")))
             return rank_state["data"]
         seed_process(self.seed + self.step, rank)
         positions = {}
@@ -116,18 +131,16 @@ class Resume:
             )
         return {"num_readers": None, "positions": positions}
 
-    def restore_ema(self, ema, model: torch.nn.Module) -> None:
-        from pipeline.strategies.base import load_module_state
-
-        if self.loaded.has("ema.safetensors"):
-            load_module_state(ema.model, self.loaded.tensors("ema.safetensors"), self.path)
-        else:  # EMA switched on for a run that had none: start it from the weights
-            ema.model.load_state_dict(model.state_dict())
-
     def restore_progress(self, progress, window) -> None:
         progress.step = self.step
         progress.images_seen = int(self.trainer_state["images_seen"])
         window.load_state_dict(self.trainer_state)
+        if self.run_dir is not None:
+            self.run_dir.rank_record(
+                self.processes.rank, "resumed", step=self.step, from_world_size=self.saved_world_size,
+                world_size=self.processes.world_size, load_s=round(self.loaded.seconds, 3),
+                read_bytes=self.loaded.bytes_read,
+            )
         if self.processes.is_main:
             log.info("resumed from %s (step %d, %d images seen)", self.path, progress.step, progress.images_seen)
 
@@ -162,7 +175,7 @@ class Checkpointer:
         choice = processes.broadcast_object(choice)
         if choice is None:
             return None
-        resume = Resume(LoadedCheckpoint(Path(choice[0]), choice[1]), processes, self.config.seed)
+        resume = Resume(LoadedCheckpoint(Path(choice[0]), choice[1]), processes, self.config.seed, self.run_dir)
         self.last_saved_step = resume.step
         return resume
 
@@ -183,8 +196,15 @@ class Checkpointer:
 
         With ``checkpoint.async_save`` the state is copied to host memory here and a background
         thread writes it; the next save waits for that write first, and a ``final`` save (the end
-        of training, a stop signal) returns only when its checkpoint is committed.
+        of training, a stop signal) returns only when its checkpoint is committed. A save is long
+        work, never a stall (pipeline/watchdog.py); the final one ends the watchdog's watch.
         """
+        with watchdog.paused():
+            self._save(final)
+        if final:
+            watchdog.disarm()
+
+    def _save(self, final: bool) -> None:
         progress, strategy, ema, window, batches = self.state
         processes, run_dir = self.processes, self.run_dir.path
         if self.writer is not None:
@@ -193,20 +213,16 @@ class Checkpointer:
             return
         window.check_health(self.config.train.max_bad_steps, progress.step, self.run_dir.newest_checkpoint_name())
         started = time.perf_counter()
-        shared, fields = strategy.checkpoint_parts()  # collective for sharded strategies
+        parts, fields = strategy.checkpoint_parts(ema)  # this rank's files; collective for sharded strategies
         if processes.is_main:
             checkpoint.prepare_staging(run_dir, progress.step)
         processes.barrier()
         rng_plain, rng_tensors = rng_state()
-        parts = {
-            checkpoint.rank_file(processes.rank, "json"): ("json", {"rng": rng_plain, "data": batches.state_dict()}),
-            checkpoint.rank_file(processes.rank, "safetensors"): ("tensors", rng_tensors),
-        }
+        parts[checkpoint.rank_file(processes.rank, "json")] = (
+            "json", {"rng": rng_plain, "data": batches.state_dict()})
+        parts[checkpoint.rank_file(processes.rank, "safetensors")] = ("tensors", rng_tensors)
         identity = {"family": self.config.model.family, **strategy.identity}
         if processes.is_main:
-            parts.update(shared)
-            if ema is not None:
-                parts["ema.safetensors"] = ("tensors", ema.state_dict())
             parts["trainer.json"] = ("json", {
                 "step": progress.step, "images_seen": progress.images_seen,
                 "world_size": processes.world_size, **identity, **window.state_dict(), **fields,
@@ -222,6 +238,7 @@ class Checkpointer:
                 self.writer.wait()
             return
         records = checkpoint.write_files(checkpoint.staging_path(run_dir, progress.step), checkpoint.encode_parts(parts))
+        written = time.perf_counter() - started
         self.faults.pause_in_checkpoint(progress.step, processes.rank, processes.world_size)
         gathered = processes.all_gather_objects(records)
         if processes.is_main:
@@ -230,7 +247,14 @@ class Checkpointer:
                                      self.config.checkpoint.keep_last, extra)
             log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - started)
         processes.barrier()
+        self.run_dir.rank_record(
+            processes.rank, "checkpoint", step=progress.step, write_s=round(written, 3),
+            save_s=round(time.perf_counter() - started, 3),
+            written_bytes=sum(record["bytes"] for record in records.values()), **strategy.held_bytes(ema),
+            **peak_memory_so_far(processes.device),
+        )
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.wait()
+            with watchdog.paused():
+                self.writer.wait()

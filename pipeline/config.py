@@ -232,14 +232,43 @@ class WandbConfig(StrictModel):
 class DistributedConfig(StrictModel):
     """How processes share the work."""
 
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    """Data-parallel strategy: ``ddp`` (every process holds the whole model and optimizer) or
+    strategy: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
+    """Data-parallel strategy: ``ddp`` (every process holds the whole model and optimizer),
     ``deepspeed`` (ZeRO partitions optimizer state, gradients and, at stage 3, parameters; see
-    the ``deepspeed`` section and docs/deepspeed.md)."""
+    the ``deepspeed`` section and docs/deepspeed.md) or ``fsdp`` (PyTorch's FSDP2: parameters,
+    gradients and optimizer state sharded per block; see the ``fsdp`` section)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: auto picks nccl on GPUs and gloo on CPUs."""
     timeout_minutes: float = Field(default=30, gt=0)
     """How long a collective waits for the other processes before failing."""
+    hang_timeout_minutes: float | None = Field(default=None, ge=0)
+    """A rank whose training loop makes no progress for this long (stuck in a collective, on a
+    data worker, in a deadlock) ends the job with one line naming it, its host and its last step
+    (Slurm jobs are requeued). Checkpoints, sample grids and evaluations are not timed. 0: off;
+    None: a third of ``timeout_minutes``, at most 10."""
+
+    def resolved_hang_timeout_minutes(self) -> float:
+        if self.hang_timeout_minutes is None:
+            return min(10.0, self.timeout_minutes / 3)
+        return self.hang_timeout_minutes
+
+    @model_validator(mode="after")
+    def _hang_before_collective_timeout(self) -> "DistributedConfig":
+        if self.hang_timeout_minutes is not None and self.hang_timeout_minutes >= self.timeout_minutes:
+            raise ValueError(
+                f"hang_timeout_minutes ({self.hang_timeout_minutes:g}) must be below timeout_minutes "
+                f"({self.timeout_minutes:g}), or a stalled rank fails its peers' collectives first"
+            )
+        return self
+
+
+class FSDPConfig(StrictModel):
+    """FSDP2 settings, used when ``distributed.strategy`` is ``fsdp`` (docs/architecture.md)."""
+
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward and gather them again for the
+    backward (ZeRO-3-like memory); False keeps them until the backward (more memory, less
+    communication)."""
 
 
 DEEPSPEED_OWNED_KEYS = (
@@ -377,6 +406,7 @@ class RunConfig(StrictModel):
     wandb: WandbConfig = WandbConfig()
     distributed: DistributedConfig = DistributedConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    fsdp: FSDPConfig = FSDPConfig()
     slurm: SlurmConfig = SlurmConfig()
 
     @model_validator(mode="after")
@@ -385,7 +415,7 @@ class RunConfig(StrictModel):
             raise ValueError("eval.every_steps is set but data.eval_shards is not")
         if self.sample.options:
             try:
-                models.check_sample_options(self.model.family, dict(self.sample.options), self.model)
+                models.check_sample_options(self.model.family, dict(self.sample.options))
             except ValueError as exc:
                 raise ValueError(f"sample.options: {exc}") from None
         return self

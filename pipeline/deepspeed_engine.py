@@ -1,22 +1,26 @@
-"""DeepSpeed ZeRO behind the trainer: the engine's config, wrapping, and full-state checkpoints.
+"""DeepSpeed ZeRO behind the trainer: the engine's config, wrapping, and each rank's pieces of the
+fp32 master weights and AdamW moments.
 
 The trainer drives DeepSpeed through its own API (``deepspeed.initialize``, ``engine.backward``,
 ``engine.step``), not through Accelerate; docs/deepspeed.md says why. Models know nothing of this
 module: the trainer hands it the plain ``nn.Module`` and its AdamW.
 
-Checkpoints stay in the project's format (pipeline/checkpoint.py) instead of DeepSpeed's
-``save_checkpoint``, whose files are pickles of Python objects (loss scalers, fragment-address
-namedtuples) that ``torch.load(weights_only=True)`` refuses. DeepSpeed's tensor-fragment API
-(`safe_get_full_fp32_param`, `safe_get_full_optimizer_state` and their setters) gives every rank
-the *full* fp32 master weight and AdamW moments of each parameter, whatever the stage; the
-checkpoint stores them as safetensors (all ranks take part in the gathers, rank 0 writes), the
-loss scaler and optimizer step as JSON. Weights therefore need no conversion to be used without
-DeepSpeed, and nothing loaded is ever unpickled.
+Checkpoints stay in the project's format (pipeline/checkpoint.py, pipeline/sharding.py) instead of
+DeepSpeed's ``save_checkpoint``, whose files are pickles of Python objects (loss scalers,
+fragment-address namedtuples) that ``torch.load(weights_only=True)`` refuses. What a rank holds
+is read and written here as *pieces*: a contiguous range of each parameter seen flat, as a live
+view into ZeRO's fp32 partition (the master weight) or into AdamW's state of that partition:
+
+- ZeRO-1/2: the parameter's tensor fragment (``param._hp_mapping``: its ``lp_fragment_address``
+  within the parameter, its ``hp_fragment`` within the rank's flat fp32 partition);
+- ZeRO-3: partition ``r`` of the parameter, elements ``[r·p, r·p + p)`` of it (``p`` its
+  partition size; the padding at the end of the last partitions is left out).
+
+The pieces never leave their rank for a checkpoint; `pipeline/strategies/deepspeed.py` writes them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 
@@ -143,48 +147,85 @@ def restore_buffers(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None
             owner._buffers[name.rpartition(".")[2]] = original.to(buffer.device)
 
 
-@contextlib.contextmanager
-def full_parameters(module: nn.Module, stage: int):
-    """Inside, every rank sees whole parameters (ZeRO-3 gathers them; a no-op below stage 3).
-    Collective: every rank must enter."""
-    if stage == 3:
-        import deepspeed
+# ---------------------------------------------------------------------------------------------
+# This rank's pieces of the fp32 masters and AdamW moments
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            yield
+
+def piece_specs(engine, zero_optimizer) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
+    """``{name: (shape, float32, offset, length)}`` of this rank's master piece of every parameter."""
+    specs = {}
+    for name, parameter in engine.module.named_parameters():
+        if engine.zero_optimization_stage() == 3:
+            size = parameter.ds_tensor.ds_numel
+            offset = zero_optimizer._get_param_partition_rank(parameter) * size
+            length = max(0, min(size, parameter.ds_numel - offset))
+            specs[name] = (tuple(parameter.ds_shape), torch.float32, min(offset, parameter.ds_numel), length)
+        else:
+            mapping = parameter._hp_mapping
+            where = (mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel) if mapping else (0, 0)
+            specs[name] = (tuple(parameter.shape), torch.float32, *where)
+    return specs
+
+
+def pieces(engine, zero_optimizer, specs, moment: str | None = None) -> dict[str, torch.Tensor]:
+    """Live 1-D views of this rank's pieces of the fp32 masters (``moment`` None) or of an AdamW
+    moment (created as AdamW's zero initial state if no step has run yet)."""
+    if moment is not None:
+        _create_optimizer_state(zero_optimizer)
+    found = {}
+    for name, parameter in engine.module.named_parameters():
+        length = specs[name][3]
+        if length == 0:
+            continue
+        if engine.zero_optimization_stage() == 3:
+            if not parameter.requires_grad:
+                raise RuntimeError(f"ZeRO-3: frozen parameter {name}: pieces exist only for trained parameters")
+            partition, _ = zero_optimizer._get_fp32_opt_state_partition(
+                parameter, release_swap_buffers=False, optim_state_key=moment)
+            found[name] = partition.narrow(0, 0, length)
+        else:
+            mapping = parameter._hp_mapping
+            found[name] = mapping.hp_fragment if moment is None else mapping.get_optim_state_fragment(moment)
+    return found
+
+
+def set_master_pieces(engine, zero_optimizer, specs, values: dict[str, torch.Tensor]) -> None:
+    """This rank's master pieces from ``values``; at ZeRO-3 also its partition of the module's
+    (possibly bf16) weights, which below stage 3 were loaded whole before ``initialize``."""
+    masters = pieces(engine, zero_optimizer, specs)
+    stage3 = engine.zero_optimization_stage() == 3
+    parameters = dict(engine.module.named_parameters())
+    with torch.no_grad():
+        for name, master in masters.items():
+            value = values[name].reshape(-1)
+            master.copy_(value)
+            if stage3:
+                partition = parameters[name].ds_tensor
+                partition.narrow(0, 0, master.numel()).copy_(value.to(partition.dtype))
+
+
+def set_moment_pieces(engine, zero_optimizer, specs, moment: str, values: dict[str, torch.Tensor], step: int) -> None:
+    """This rank's pieces of an AdamW moment, and AdamW's step count."""
+    with torch.no_grad():
+        for name, piece in pieces(engine, zero_optimizer, specs, moment).items():
+            if name in values:
+                piece.copy_(values[name].reshape(-1))
+    for state in zero_optimizer.optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.full_like(state["step"], float(step)) if torch.is_tensor(state["step"]) else step
+
+
+def partition_bytes(engine, zero_optimizer) -> dict[str, int]:
+    """Bytes of the module's own parameter storage on this rank (ZeRO-3: its partitions) and of the
+    fp32 masters; gradients are counted as one fp32 partition (what the optimizer steps on)."""
+    if engine.zero_optimization_stage() == 3:
+        module = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in engine.module.parameters())
+        flats = zero_optimizer.fp32_partitioned_groups_flat
     else:
-        yield
-
-
-def full_weights(engine) -> dict[str, torch.Tensor]:
-    """The fp32 model state_dict, whole, on every rank (parameters from the fp32 masters, not the
-    module's bf16/fp16 copies; buffers from the module). Collective: every rank calls it."""
-    return full_state(engine, moments=False)[0]
-
-
-def full_state(engine, moments: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(fp32 model state_dict, AdamW moments ``{moment}/{name}``), whole, on every rank.
-
-    Collective: every rank calls it, in the same order. Parameters are the fp32 master copies,
-    not the module's bf16/fp16 ones; buffers come from the module.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    module = engine.module
-    stage = engine.zero_optimization_stage()
-    weights: dict[str, torch.Tensor] = {}
-    gathered: dict[str, torch.Tensor] = {}
-    for name, parameter in module.named_parameters():
-        weights[name] = safe_get_full_fp32_param(parameter).detach().float().cpu().clone()
-        for moment in MOMENTS if moments else ():
-            value = safe_get_full_optimizer_state(parameter, moment)
-            if value is not None:
-                gathered[f"{moment}/{name}"] = value.detach().float().cpu().clone()
-    with full_parameters(module, stage):
-        for name, tensor in module.state_dict().items():
-            if name not in weights:
-                weights[name] = tensor.detach().cpu().clone()
-    return weights, gathered
+        module = sum(p.numel() * p.element_size() for p in engine.module.parameters())
+        flats = zero_optimizer.single_partition_of_fp32_groups
+    masters = sum(flat.numel() * flat.element_size() for flat in flats)
+    return {"params_bytes": module + masters, "grads_bytes": masters}
 
 
 def optimizer_step_count(zero_optimizer) -> int:
@@ -212,37 +253,6 @@ def loss_scale(zero_optimizer) -> float | None:
     return float(zero_optimizer.loss_scale)
 
 
-def load_full_state(engine, zero_optimizer, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor],
-                    step: int, scaler: dict | None) -> None:
-    """Put a checkpoint's fp32 masters, moments, AdamW step and loss scaler into the engine.
-
-    The module's own (possibly bf16) weights were loaded before ``deepspeed.initialize``; the
-    masters are set again here so nothing is rounded through bf16 on resume.
-    """
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    _create_optimizer_state(zero_optimizer)
-    stage3 = engine.zero_optimization_stage() == 3
-    for name, parameter in engine.module.named_parameters():
-        if stage3:
-            _set_stage3_partition(zero_optimizer, parameter, weights[name])
-        else:
-            safe_set_full_fp32_param(parameter, weights[name].clone())
-        for moment in MOMENTS:
-            key = f"{moment}/{name}"
-            if key in moments:
-                if stage3:
-                    _set_stage3_partition(zero_optimizer, parameter, moments[key], moment)
-                else:
-                    safe_set_full_optimizer_state(parameter, moments[key].clone(), moment)
-    for state in zero_optimizer.optimizer.state.values():
-        if "step" in state:
-            state["step"] = torch.full_like(state["step"], float(step)) if torch.is_tensor(state["step"]) else step
-    if scaler and getattr(zero_optimizer, "loss_scaler", None) is not None:
-        for key, value in scaler.items():
-            setattr(zero_optimizer.loss_scaler, key, value)
-
-
 def _create_optimizer_state(zero_optimizer) -> None:
     """AdamW creates its moments lazily at the first step, and DeepSpeed links each parameter's
     fragment of them only then; a resumed engine needs both before the moments can be set. The
@@ -264,22 +274,3 @@ def _create_optimizer_state(zero_optimizer) -> None:
     link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2 (a private hook; ZeRO-3 reads the optimizer state directly)
         link()
-
-
-def _set_stage3_partition(zero_optimizer, parameter, value: torch.Tensor, moment: str | None = None) -> None:
-    """This rank's slice of a whole fp32 tensor into ZeRO-3's partition (master or moment).
-
-    DeepSpeed 0.19.8's ``set_full_hp_param`` slices the unpadded value, so a parameter smaller
-    than the process count (the last rank's partition is all padding) fails with "start + length
-    exceeds dimension size"; this pads the value the way ZeRO-3 pads the parameter.
-    """
-    if not parameter.requires_grad:
-        return
-    partition, _ = zero_optimizer._get_fp32_opt_state_partition(
-        parameter, release_swap_buffers=False, optim_state_key=moment
-    )
-    rank = zero_optimizer._get_param_partition_rank(parameter)
-    size = partition.numel()
-    flat = value.detach().flatten().to(partition.dtype)
-    flat = torch.nn.functional.pad(flat, (0, max(0, size * (rank + 1) - flat.numel())))
-    partition.data.copy_(flat.narrow(0, size * rank, size).to(partition.device))

@@ -5,12 +5,17 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT; absent means one process) that `launch loc
 entry point and torchrun all set. `Processes.start` creates the process group through
 Accelerate (gloo on CPUs, NCCL on GPUs unless ``distributed.backend`` says otherwise) and, on
 NCCL, a second gloo group for host-side agreement (the stop flag), which never waits for a GPU
-stream. Strategies (pipeline/strategies/) start it; nothing else creates a process group.
+stream. Strategies (pipeline/strategies/) start it; nothing else creates a process group (a
+strategy that needs one even alone, FSDP2, asks for a group of one: `ensure_group`).
+
+Each process also owns the hang watchdog (pipeline/watchdog.py), made here from
+``distributed.hang_timeout_minutes`` and started by the trainer with `watch` once it is built.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +37,8 @@ class Processes:
     """The Accelerate `Accelerator` that created the group (DDP wraps through it)."""
     control_group: Any = None
     """A gloo group for host-side flags when the main backend is not gloo (None: the main group)."""
+    watchdog: Any = None
+    """This process's hang watchdog (pipeline/watchdog.py); None when not started by `start`."""
 
     @property
     def is_main(self) -> bool:
@@ -60,7 +67,26 @@ class Processes:
         configure_logging(processes.rank)
         if processes.world_size > 1 and dist.get_backend() != "gloo":
             processes.control_group = dist.new_group(backend="gloo")
+        from pipeline.watchdog import Watchdog
+
+        processes.watchdog = Watchdog(distributed_config.resolved_hang_timeout_minutes() * 60, processes.rank,
+                                       processes.world_size)
         return processes
+
+    def ensure_group(self, backend: str) -> None:
+        """A process group even for one process (FSDP2 shards over a device mesh, which needs one):
+        a group of one on a free local port when no launcher made one."""
+        if dist.is_initialized():
+            return
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+    def watch(self, progress, run_dir) -> None:
+        """Start the hang watchdog on the training loop's ``progress`` (collective)."""
+        if self.watchdog is not None:
+            self.watchdog.watch(progress, run_dir, self)
 
     @property
     def backend(self) -> str:
@@ -106,6 +132,8 @@ class Processes:
         return box[0]
 
     def shutdown(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

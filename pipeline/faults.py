@@ -15,9 +15,13 @@ on it, and nothing reads the environment inside a step::
   arrives, so a test's signal lands at a known step however fast the machine is.
 - ``hold_in_grid``: the sample grid waits, inside sampling, until a stop signal arrives.
 - ``compile_backend=NAME``: torch.compile backend (e.g. ``aot_eager``: graphs, no code generation).
+- ``stall_rank=R;stall_at_step=N``: rank R stops before step N as a hung rank would (it sleeps,
+  up to ``HOLD_LIMIT_S``), so a test sees the hang watchdog (pipeline/watchdog.py) end the job.
 
 A process holding writes ``run_dir/ranks/held-rank-RRRRR`` so the test knows when to signal; a hold
-ends with a stop signal or, failing that, after ``HOLD_LIMIT_S`` with an error (never forever).
+ends with a stop signal or, failing that, after ``HOLD_LIMIT_S`` with an error (never forever). The
+hang watchdog does not time a hold after a step (a wait the test asked for); a hold in the grid
+is inside the grid's own untimed section, which is what a test of that section needs.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from pipeline import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,10 @@ class Faults:
     hold_after_step: int | None = None
     hold_in_grid: bool = False
     compile_backend: str | None = None
+    stall_rank: int | None = None
+    stall_at_step: int | None = None
+    rank: int = 0
+    """This process's rank (from RANK, read once with the plan), for the faults aimed at one rank."""
 
     @classmethod
     def parse(cls, text: str) -> "Faults":
@@ -50,7 +60,7 @@ class Faults:
         for item in filter(None, (part.strip() for part in text.split(";"))):
             name, _, value = item.partition("=")
             name = name.strip()
-            if name in ("fail_at_step", "pause_in_save", "hold_after_step"):
+            if name in ("fail_at_step", "pause_in_save", "hold_after_step", "stall_rank", "stall_at_step"):
                 values[name] = int(value)
             elif name == "nan_at_steps":
                 values[name] = frozenset(int(v) for v in value.split(",") if v.strip())
@@ -60,17 +70,26 @@ class Faults:
                 values[name] = value.strip()
             else:
                 raise ValueError(f"{ENV}: unknown fault {name!r} in {text!r}")
+        if ("stall_rank" in values) != ("stall_at_step" in values):
+            raise ValueError(f"{ENV}: stall_rank and stall_at_step go together, in {text!r}")
         return cls(**values)
 
     @classmethod
     def from_environment(cls) -> "Faults":
-        return cls.parse(os.environ.get(ENV, ""))
+        import dataclasses
+
+        return dataclasses.replace(cls.parse(os.environ.get(ENV, "")), rank=int(os.environ.get("RANK", "0")))
 
     # -- the points where faults act ------------------------------------------------------------
 
     def before_step(self, step: int) -> None:
         if self.fail_at_step is not None and step == self.fail_at_step:
             raise RuntimeError(f"{ENV}: fail_at_step={step}: injected failure")
+        if self.stall_rank == self.rank and step + 1 == self.stall_at_step:
+            log.warning("%s: rank %d stalls before step %d", ENV, self.rank, step + 1)
+            time.sleep(HOLD_LIMIT_S)
+            raise RuntimeError(f"{ENV}: stalled before step {step + 1} for {HOLD_LIMIT_S:.0f}s "
+                               "and nothing ended the job")
 
     def nan_loss(self, rank: int, step: int) -> bool:
         """Whether rank's loss of optimizer step ``step`` (1-based) is made NaN."""
@@ -83,7 +102,8 @@ class Faults:
 
     def after_step(self, step: int, run_dir: Path, rank: int, stop_requested: Callable[[], bool]) -> None:
         if self.hold_after_step is not None and step == self.hold_after_step:
-            hold(f"after step {step}", run_dir, rank, stop_requested)
+            with watchdog.paused():  # a wait the test asked for, not a stall
+                hold(f"after step {step}", run_dir, rank, stop_requested)
 
     def in_grid(self, run_dir: Path, rank: int, stop_requested: Callable[[], bool]) -> None:
         if self.hold_in_grid:

@@ -35,7 +35,6 @@ from pipeline.checkpointer import Checkpointer, seed_process
 from pipeline.config import RunConfig
 from pipeline.digits_quality import SampleQualityEval
 from pipeline.data import TrainingBatches, check_shards_match, resolve_shards, shards_for_reader
-from pipeline.ema import EMA
 from pipeline.errors import UserError
 from pipeline.faults import Faults
 from pipeline.periodic import FidEval, HeldOutEval, MetricsSink, SampleGrid, StopSignal, Throughput
@@ -73,7 +72,6 @@ class Trainer:
         self.model = model = self.build_model().to(device)
         if train.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.ema = EMA(model, train.ema_halflife_images, train.ema_rampup_ratio) if train.ema_halflife_images else None
         seed_process(config.seed, processes.rank)
         # 3. The data stream, from the checkpoint's position (its random streams restored too).
         self.train_shards = resolve_shards(data.shards, "data.shards")
@@ -82,15 +80,17 @@ class Trainer:
         # 4. Weights into the plain model: the checkpoint's, or initialised from the first batch.
         if resume is not None:
             strategy.load_weights(model, resume.loaded)
-            if self.ema is not None:
-                resume.restore_ema(self.ema, model)
         elif model.data_dependent_init:
             self._data_dependent_init()
-        # 5. Wrapped for distribution, with its optimizer; then the optimizer's state and progress.
+        # 5. Wrapped for distribution, with its optimizer, and the EMA of the weights as wrapped
+        #    (whole, or this rank's pieces of them); then the rest of the checkpoint and progress.
         strategy.wrap(model, self.build_model, self.faults)
+        self.ema = None
+        if train.ema_halflife_images:
+            self.ema = strategy.make_ema(train.ema_halflife_images, train.ema_rampup_ratio)
         self.progress, self.window = Progress(), MetricWindow(device)
         if resume is not None:
-            strategy.load_state(resume.loaded, resume.trainer_state)
+            strategy.load_state(resume.loaded, resume.trainer_state, self.ema)
             resume.restore_progress(self.progress, self.window)
 
         self.global_batch = data.batch_size * processes.world_size * train.grad_accum
@@ -101,6 +101,7 @@ class Trainer:
             check_shards_match(self.eval_shards, data.image_size, data.channels, "data.eval_shards")
         self.tracker = make_tracker(self.run_dir.path, config.wandb, self._tracked_config(), processes.is_main)
         self.checkpointer.attach(self.progress, strategy, self.ema, self.window, self.batches)
+        processes.watch(self.progress, self.run_dir.path)  # a stalled training loop ends the job
         self.grid = SampleGrid(config, self.run_dir, processes, strategy, self.ema, self.tracker, self.faults)
         self.evaluation = HeldOutEval(config, processes, strategy, self.ema, self.eval_shards)
         self.fid = FidEval(config, processes, strategy, self.ema, self.eval_shards)
@@ -214,8 +215,6 @@ class Trainer:
         batch = self.batches.peek().to(self.processes.device)
         with self.strategy.autocast():
             self.model.loss(batch)
-        if self.ema is not None:
-            self.ema.model.load_state_dict(self.model.state_dict())
 
     def _tracked_config(self) -> dict:
         tracked = config_module.to_dict(self.config)

@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO on 2 CPU processes (gloo, DeepSpeed's CPU accelerator), through ``launch local``.
 
-Each training run is a module fixture shared by the tests that read it; the file makes eight
-2-process launches. The tiny DDPM covers ZeRO-1 and ZeRO-3 (the latter from
-configs/deepspeed/zero3.json), the tiny PixelCNN++ (tests/configs/tiny_pixelcnn.yaml) ZeRO-2;
-each is compared with the DDP run of the same seed and data.
+Each training run is a module fixture shared by the tests that read it; the file makes ten
+2-process launches and one of one process. The tiny DDPM covers ZeRO-1 and ZeRO-3 (the latter
+from configs/deepspeed/zero3.json), the tiny PixelCNN++ (tests/configs/tiny_pixelcnn.yaml)
+ZeRO-2; each is compared with the DDP run of the same seed and data. ZeRO-3 without an EMA draws
+a sample grid, evaluates held-out bits/dim and FID during training (its whole weights are a
+plain module, so rank 0 samples alone), and under bf16 its EMA averages the fp32 masters.
 
 Loss tolerance: relative 1e-4 per logged step. Both strategies train in fp32 from the same
 initial weights on the same batches with the same per-rank noise, so the only difference is the
@@ -148,12 +150,17 @@ def test_resume_continues_at_the_checkpointed_step(which, request):
     manifest = json.loads((run_dir / "checkpoints" / f"step-{RESUMED_STEPS:09d}" / "manifest.json").read_text())
     assert manifest["strategy"] == "deepspeed"
     assert manifest["zero_stage"] == (3 if which == "ddpm_zero3" else 2)
-    assert "optimizer.safetensors" in manifest["files"] and "ema.safetensors" in manifest["files"]
+    # Every rank writes its own AdamW moments (and at ZeRO-3 its weights and EMA); nothing whole.
+    per_rank = ("optimizer", "model", "ema") if which == "ddpm_zero3" else ("optimizer",)
+    assert {f"{part}.rank-{rank:05d}.safetensors" for part in per_rank for rank in (0, 1)} <= set(manifest["files"])
+    assert "optimizer.safetensors" not in manifest["files"] and "ema.safetensors" in manifest["files"]
 
 
 def test_resuming_under_another_strategy_is_a_clear_error(ddpm_zero3, digits_dir):
     first, _, _ = ddpm_zero3
-    overrides = tiny_overrides(digits_dir, first.run_dir, **{**SMALL, "train.max_steps": RESUMED_STEPS + 2})
+    # One process with twice the batch keeps the global batch the 2-process run had.
+    overrides = tiny_overrides(digits_dir, first.run_dir, **{**SMALL, "train.max_steps": RESUMED_STEPS + 2,
+                                                             "data.batch_size": 2 * SMALL["data.batch_size"]})
     result = run_cli("launch", "local", "--nproc", "1", str(DDPM), *overrides)
     assert result.returncode == 2
     assert "written under deepspeed ZeRO-3, this config trains under ddp" in result.stderr
@@ -167,13 +174,14 @@ def test_resuming_under_another_strategy_is_a_clear_error(ddpm_zero3, digits_dir
 def test_export_loads_and_samples_without_deepspeed(ddpm_zero3, tmp_path):
     from launch.cli import main as launch_main
     from pipeline import checkpoint
+    from pipeline.sharding import PartReader
     from safetensors.torch import load_file
 
     first, _, _ = ddpm_zero3
     out = tmp_path / "model.safetensors"
     assert launch_main(["export", str(first.run_dir), "--out", str(out)]) == 0
     latest = checkpoint.find_for_run(first.run_dir)
-    exported, ema = load_file(str(out)), latest.tensors("ema.safetensors")
+    exported, ema = load_file(str(out)), PartReader(latest, "ema").state_dict()  # the ranks' pieces, whole
     assert exported.keys() == ema.keys()
     assert all(torch.equal(exported[key], ema[key]) for key in ema)
     png = tmp_path / "grid.png"
@@ -234,3 +242,45 @@ def test_repeated_nans_stop_the_run_with_its_checkpoint_intact(digits_dir, tmp_p
     assert [step for step, _ in kept] == [2]  # the stop comes before step 4's checkpoint
     loaded = checkpoint.open_checkpoint(kept[-1][1])  # verifies sizes and hashes
     assert all(torch.isfinite(t).all() for t in loaded.tensors("model.safetensors").values())
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeRO-3: whole weights for sampling and evaluation; the EMA of the fp32 masters
+
+
+def test_zero3_without_ema_samples_and_evaluates_during_training(digits_dir, tmp_path):
+    # Rank 0 used to sample alone through ZeRO-3's gather hooks and wait forever for rank 1.
+    run_dir = tmp_path / "zero3_no_ema"
+    result = _launch(DDPM, digits_dir, run_dir, 4, **_deepspeed(3), **{
+        "train.ema_halflife_images": "null", "train.ema_rampup_ratio": "null", "sample.every_steps": 2,
+        "eval.every_steps": 2, "eval.max_images": 8, "eval.fid_images": 8,
+        "eval.fid_feature_network": "random_conv", "checkpoint.every_steps": 4})
+    _ok(result)
+    assert sorted(path.name for path in (run_dir / "samples").glob("*.png")) == [
+        "step-000000002.png", "step-000000004.png"]
+    evaluations = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [record for record in evaluations if "eval/bits_per_dim" in record]
+    assert [record["step"] for record in evaluations] == [2, 4]
+    assert all(math.isfinite(record["eval/bits_per_dim"]) and math.isfinite(record["eval/fid"]) for record in evaluations)
+    manifest = json.loads((run_dir / "checkpoints" / f"step-{4:09d}" / "manifest.json").read_text())
+    assert not any(name.startswith("ema") for name in manifest["files"])
+
+
+def test_zero3_bf16_ema_averages_the_fp32_masters(digits_dir, tmp_path):
+    # An EMA whose half-life is far below one batch follows the weights at once: it must equal
+    # the fp32 masters, which bf16 module copies of them would not.
+    from pipeline.sharding import PartReader
+    from pipeline import checkpoint
+
+    run_dir = tmp_path / "zero3_bf16"
+    _ok(_launch(DDPM, digits_dir, run_dir, 2, **_deepspeed(3), **{
+        "train.mixed_precision": "bf16", "train.ema_halflife_images": 1e-9, "train.ema_rampup_ratio": "null",
+        "train.grad_accum": 1, "checkpoint.every_steps": 2, "sample.at_end": "false"}))
+    loaded = checkpoint.find_for_run(run_dir)
+    model, ema = PartReader(loaded, "model"), PartReader(loaded, "ema")
+    assert sorted(model.layout) == sorted(ema.layout) and model.layout
+    for name in model.layout:
+        master, average = model.whole(name), ema.whole(name)
+        assert master.dtype == average.dtype == torch.float32
+        assert torch.equal(master, average), name
+    assert any(not torch.equal(model.whole(name), model.whole(name).bfloat16().float()) for name in model.layout)

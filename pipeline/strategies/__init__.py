@@ -3,7 +3,8 @@
 A `Strategy` (base.py) starts the process group it needs, wraps the model and builds the
 optimizer, runs the micro-step and the optimizer step, gives whole weights when asked (to
 sample, evaluate, export) and writes and restores its own part of a checkpoint. The trainer
-holds one and never asks which it is (torchtitan's "parallelize in one place").
+holds one and never asks which it is (torchtitan's "parallelize in one place"). ``ddp.py``
+replicates; ``deepspeed.py`` (ZeRO 1-3) and ``fsdp.py`` (FSDP2) shard, sharing ``sharded.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ def build(config) -> Strategy:
         from pipeline.strategies.deepspeed import DeepSpeedStrategy
 
         return DeepSpeedStrategy(config)
+    if config.distributed.strategy == "fsdp":
+        from pipeline.strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy(config)
     from pipeline.strategies.ddp import DDPStrategy
 
     return DDPStrategy(config)

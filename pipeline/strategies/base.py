@@ -4,16 +4,19 @@ Life of a strategy in a training process (pipeline/trainer.py)::
 
     strategy = strategies.build(config)      # nothing started yet
     processes = strategy.start()             # the process group this strategy needs
-    strategy.load_weights(model, loaded)     # a checkpoint's weights into the plain module
-    strategy.wrap(model, build_model, faults)  # wrapper + optimizer (DDP, a ZeRO engine, ...)
-    strategy.load_state(loaded)              # the optimizer's half of the checkpoint
+    strategy.load_weights(model, loaded)     # a checkpoint's whole weights (or buffers) into the plain module
+    strategy.wrap(model, build_model, faults)  # wrapper + optimizer (DDP, a ZeRO engine, FSDP2)
+    ema = strategy.make_ema(half_life, ramp)   # whole (DDP) or this rank's pieces (sharded)
+    strategy.load_state(loaded, trainer_state, ema)  # the rest of the checkpoint, after wrapping
     ... loss, metrics = strategy.forward_backward(batch, last_micro, nan)
         grad_norm, bad = strategy.optimizer_step()
+        strategy.update_ema(ema, images, images_seen)
 
-Checkpoint parts: `checkpoint_parts` returns the files this strategy contributes
-(``{name: (kind, object)}``, pipeline/checkpoint.py's encoding) and the fields it adds to
-``trainer.json``; every rank calls it (some strategies gather), and only rank 0's files are
-written for the shared state. `identity` is recorded in the checkpoint and compared on resume.
+Checkpoint parts: `checkpoint_parts` returns the files *this rank* writes (``{name: (kind,
+object)}``, pipeline/checkpoint.py's encoding) and the fields it adds to ``trainer.json``. Every
+rank calls it: DDP returns its whole files on rank 0 only; the sharded strategies
+(pipeline/strategies/sharded.py) return each rank's own pieces (pipeline/sharding.py).
+`identity` is recorded in the checkpoint and compared on resume.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from pipeline import watchdog
 from pipeline.checkpoint import LoadedCheckpoint
 from pipeline.distributed import Processes
-from pipeline.ema import EMA
+from pipeline.ema import EMA, ShardedEMA
 from pipeline.errors import UserError
 
 Parts = dict[str, tuple[str, Any]]
@@ -63,7 +67,7 @@ class Strategy(abc.ABC):
         if saved != self.identity:
             raise UserError(
                 f"checkpoint {path} was written under {describe(saved)}, this config trains under "
-                f"{self.name}; resume with the same distributed.strategy and deepspeed.zero_stage, "
+                f"{self.name}; resume with the same distributed.strategy (and deepspeed.zero_stage), "
                 "or start a new run_dir from its weights (launch export)"
             )
 
@@ -79,7 +83,12 @@ class Strategy(abc.ABC):
 
     def load_weights(self, model: nn.Module, loaded: LoadedCheckpoint) -> None:
         """A checkpoint's weights into the plain module, before `wrap`."""
-        load_module_state(model, loaded.tensors("model.safetensors"), loaded.path)
+        with loaded.timed():
+            load_module_state(model, loaded.tensors("model.safetensors"), loaded.path)
+
+    def make_ema(self, halflife_images: float, rampup_ratio: float | None) -> EMA | ShardedEMA:
+        """The EMA of the weights as they are after `wrap` (the checkpoint's, once `load_state` ran)."""
+        return EMA(self.model, halflife_images, rampup_ratio)
 
     @abc.abstractmethod
     def wrap(self, model: nn.Module, build_model: Callable[[], nn.Module], faults) -> None:
@@ -87,8 +96,10 @@ class Strategy(abc.ABC):
         model of the same architecture (used to hold whole weights where the live one is sharded)."""
 
     @abc.abstractmethod
-    def load_state(self, loaded: LoadedCheckpoint, trainer_state: dict) -> None:
-        """The optimizer's half of a checkpoint (moments, step counts, loss scale), after `wrap`."""
+    def load_state(self, loaded: LoadedCheckpoint, trainer_state: dict, ema: EMA | ShardedEMA | None) -> None:
+        """The rest of a checkpoint after `wrap`: optimizer (moments, step counts, loss scale), the
+        EMA (left as `make_ema` started it when the checkpoint has none) and, for strategies
+        whose weights live in shards, the weights."""
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -103,7 +114,8 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def forward_backward(self, batch: torch.Tensor, last_micro: bool, make_nan: bool) -> tuple[torch.Tensor, dict]:
         """One micro-batch: the loss (its forward under autocast) and its backward; gradients are
-        synchronised across processes on the last micro-batch of the step."""
+        synchronised across processes on the last micro-batch of the step. For a class-conditional
+        model the step also passes ``labels=`` (int64 [B]), for the forward ``model(batch, labels)``."""
 
     @abc.abstractmethod
     def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,20 +133,37 @@ class Strategy(abc.ABC):
     @contextlib.contextmanager
     def whole_model(self, ema: EMA | None, use_ema: bool) -> Iterator[nn.Module]:
         """A plain module with whole weights on every rank, safe to run on one rank alone
-        (sampling) or on each rank independently (evaluation). Collective: every rank enters."""
-        yield ema.model if (use_ema and ema is not None) else self.model
+        (sampling) or on each rank independently (evaluation). Collective: every rank enters.
+        What runs inside is legitimately long (pipeline/watchdog.py does not time it)."""
+        with watchdog.paused():
+            yield ema.model if (use_ema and ema is not None) else self.model
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def checkpoint_parts(self) -> tuple[Parts, dict[str, Any]]:
-        """(files to write on rank 0, fields for trainer.json). Every rank calls it."""
+    def checkpoint_parts(self, ema: EMA | ShardedEMA | None) -> tuple[Parts, dict[str, Any]]:
+        """(files this rank writes, fields for trainer.json). Collective: every rank calls it."""
+
+    def held_bytes(self, ema: EMA | ShardedEMA | None) -> dict[str, int]:
+        """Bytes of training state this rank holds between steps: ``params_bytes``,
+        ``grads_bytes`` (as sized at the last optimizer step), ``optimizer_bytes``, ``ema_bytes``
+        (benchmarks/sharding_memory.py reports them)."""
+        return {"ema_bytes": ema.held_bytes() if ema is not None else 0}
 
 
 def describe(identity: dict[str, Any]) -> str:
     if identity.get("strategy") == "deepspeed":
         return f"deepspeed ZeRO-{identity.get('zero_stage')}"
-    return str(identity.get("strategy"))
+    return {"fsdp": "FSDP2"}.get(identity.get("strategy"), str(identity.get("strategy")))
+
+
+def inputs(batch: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The model's forward arguments: the images, and the labels only for a conditional model."""
+    return (batch,) if labels is None else (batch, labels)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def load_module_state(module: nn.Module, state: dict[str, torch.Tensor], path) -> None:

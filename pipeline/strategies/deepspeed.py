@@ -1,36 +1,39 @@
 """DeepSpeed ZeRO 1-3 as a strategy: optimizer state, gradients and (stage 3) parameters partitioned.
 
 The engine is driven through DeepSpeed's own API (pipeline/deepspeed_engine.py has the engine
-config, wrapping and the tensor-fragment reads and writes; docs/deepspeed.md says why not through
-Accelerate). The engine divides the loss by the accumulation count, reduces gradients at the
-boundary and steps only there; it skips a non-finite step itself and reports it.
+config, wrapping and each rank's pieces of the fp32 masters and moments; docs/deepspeed.md says
+why not through Accelerate). The engine divides the loss by the accumulation count, reduces
+gradients at the boundary and steps only there; it skips a non-finite step itself and reports it.
 
-Checkpoint: the full fp32 master weights (``model.safetensors``) and AdamW moments
-(``optimizer.safetensors``), gathered by every rank and written by rank 0, so weights load
-without DeepSpeed; the AdamW step count and loss scaler go into trainer.json. On resume the
-module's weights are set before ``deepspeed.initialize`` and the masters again afterwards, so
-nothing is rounded through bf16.
+The EMA averages this rank's pieces of the fp32 master weights (never the bf16 module copies), a
+local lerp after each step (pipeline/strategies/sharded.py). Checkpoint: every rank writes its
+pieces of the AdamW moments and, at ZeRO-3, of the masters and the EMA; at ZeRO-1/2, whose module
+holds whole weights on every rank anyway, the masters and the EMA are written whole by rank 0
+(``model.safetensors``, ``ema.safetensors``), so weights load without DeepSpeed. The AdamW step
+count and the loss scaler go into trainer.json. On resume the module's weights are set before
+``deepspeed.initialize`` (ZeRO-3: only its buffers) and each rank's master and moment pieces
+afterwards, from whatever process count wrote them; nothing is rounded through bf16.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
-from pipeline import deepspeed_engine
+from pipeline import deepspeed_engine, watchdog
 from pipeline.errors import UserError
-from pipeline.strategies.base import Parts, Strategy
+from pipeline.strategies.base import Parts, inputs
+from pipeline.strategies.sharded import ShardedStrategy
 
 
-class DeepSpeedStrategy(Strategy):
+class DeepSpeedStrategy(ShardedStrategy):
     def __init__(self, config):
         super().__init__(config)
         if config.train.compile:
             raise UserError("train.compile is not supported with distributed.strategy: deepspeed")
         self.zero_stage = config.deepspeed.resolved_stage()
-        self._build_model = None
+        self.whole_weights_in_checkpoint = self.zero_stage < 3
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -55,21 +58,49 @@ class DeepSpeedStrategy(Strategy):
         self.engine, self.optimizer = deepspeed_engine.wrap(
             self.config, model, optimizer, self.processes.world_size, self.device.type
         )
+        self._specs = deepspeed_engine.piece_specs(self.engine, self.optimizer)
+        self.after_wrap()
 
-    def load_state(self, loaded, trainer_state: dict) -> None:
-        deepspeed_engine.load_full_state(
-            self.engine, self.optimizer,
-            loaded.tensors("model.safetensors"), loaded.tensors("optimizer.safetensors"),
-            int(trainer_state["optimizer_step"]), trainer_state.get("loss_scaler"),
-        )
+    # -- pieces (pipeline/strategies/sharded.py) -------------------------------------------------
+
+    def piece_specs(self):
+        return self._specs
+
+    def master_pieces(self):
+        return deepspeed_engine.pieces(self.engine, self.optimizer, self._specs)
+
+    def set_master_pieces(self, values) -> None:
+        deepspeed_engine.set_master_pieces(self.engine, self.optimizer, self._specs, values)
+
+    def moment_pieces(self, moment: str):
+        return deepspeed_engine.pieces(self.engine, self.optimizer, self._specs, moment)
+
+    def set_moment_pieces(self, moment: str, values, step: int) -> None:
+        deepspeed_engine.set_moment_pieces(self.engine, self.optimizer, self._specs, moment, values, step)
+
+    def optimizer_step_count(self) -> int:
+        return deepspeed_engine.optimizer_step_count(self.optimizer)
+
+    def whole_module(self):
+        return self.model if self.zero_stage < 3 else None
+
+    def load_state(self, loaded, trainer_state: dict, ema) -> None:
+        super().load_state(loaded, trainer_state, ema)
+        scaler = trainer_state.get("loss_scaler")
+        if scaler and getattr(self.optimizer, "loss_scaler", None) is not None:
+            for key, value in scaler.items():
+                setattr(self.optimizer.loss_scaler, key, value)
+
+    # -- the step -------------------------------------------------------------------------------
 
     def set_learning_rate(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def forward_backward(self, batch, last_micro: bool, make_nan: bool):
+    def forward_backward(self, batch, last_micro: bool, make_nan: bool, labels=None):
+        watchdog.entered_step()
         with self.autocast():
-            loss, metrics = self.engine(batch)
+            loss, metrics = self.engine(*inputs(batch, labels))
         if make_nan:
             loss = loss * float("nan")
         self.engine.backward(loss)
@@ -85,33 +116,12 @@ class DeepSpeedStrategy(Strategy):
     def loss_scale(self) -> float | None:
         return deepspeed_engine.loss_scale(self.optimizer)
 
-    def update_ema(self, ema, batch_images: int, images_seen: int) -> None:
-        with deepspeed_engine.full_parameters(self.model, self.zero_stage):
-            ema.update(self.model, batch_images, images_seen)
+    # -- checkpoints ----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def whole_model(self, ema, use_ema: bool):
-        if (use_ema and ema is not None) or self.zero_stage < 3:
-            yield ema.model if (use_ema and ema is not None) else self.model
-            return
-        # ZeRO-3's module gathers its parameters inside forward: a collective that a rank
-        # sampling alone would wait on forever. A plain copy of the fp32 masters runs anywhere.
-        weights = deepspeed_engine.full_weights(self.engine)
-        whole = self._build_model().to(self.device)
-        whole.load_state_dict(weights)
-        whole.eval()
-        yield whole
-
-    def checkpoint_parts(self) -> tuple[Parts, dict[str, Any]]:
-        # Collective: every rank gathers each parameter's fp32 master and AdamW moments.
-        weights, moments = deepspeed_engine.full_state(self.engine)
-        parts: Parts = {
-            "model.safetensors": ("tensors", weights),
-            "optimizer.safetensors": ("tensors", moments),
-        }
-        fields = {
-            "scaler": None,
-            "optimizer_step": deepspeed_engine.optimizer_step_count(self.optimizer),
-            "loss_scaler": deepspeed_engine.loss_scaler_state(self.optimizer),
-        }
+    def checkpoint_parts(self, ema) -> tuple[Parts, dict[str, Any]]:
+        parts, fields = super().checkpoint_parts(ema)
+        fields.update(scaler=None, loss_scaler=deepspeed_engine.loss_scaler_state(self.optimizer))
         return parts, fields
+
+    def held_bytes(self, ema) -> dict[str, int]:
+        return {**deepspeed_engine.partition_bytes(self.engine, self.optimizer), **super().held_bytes(ema)}

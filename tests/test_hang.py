@@ -1,0 +1,195 @@
+"""A hung rank ends the job with one line naming it (pipeline/watchdog.py), instead of a wait.
+
+In-process: which rank a watchdog names from the heartbeats (the one furthest behind, heartbeats
+of an earlier launch and paused ranks left out), and when it fires: a stalled step counter past the
+timeout does, paused work and a disarmed watchdog do not (``_report`` replaced, so the test
+process is not ended). Jobs (slow): two processes, rank 1 stalling before step 3 with the fault
+seam, end within the short timeout with exit status 76 and the line naming rank 1, its host and
+step 2; a hold inside the sample grid, far longer than the timeout, is not taken for a hang; on
+the test Slurm cluster a hung job is requeued (and, past ``slurm.max_requeues``, fails).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import faults, watchdog
+from pipeline.preemption import EXIT_PREEMPTED
+from pipeline.watchdog import EXIT_HUNG, Watchdog
+from tests.test_resume_exact import Job, held
+
+HOST = socket.gethostname()
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process
+
+
+def _beat(run_dir: Path, rank: int, step: int, in_step: bool, since: float, launch="L", paused=False) -> None:
+    (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
+    (run_dir / "ranks" / f"heartbeat-{rank:05d}.json").write_text(json.dumps(
+        {"launch": launch, "rank": rank, "host": f"h{rank}", "step": step, "in_step": in_step,
+         "paused": paused, "since": since}))
+
+
+def _dog(run_dir: Path, rank: int, world_size: int, step: int, in_step: bool) -> Watchdog:
+    dog = Watchdog(60, rank, world_size, host=f"h{rank}")
+    dog.run_dir, dog.launch, dog.step, dog.in_step = run_dir, "L", step, in_step
+    dog.last_change_wall = 1000.0
+    return dog
+
+
+def test_the_rank_furthest_behind_is_named(tmp_path):
+    # Rank 0 waits in step 3's collective; rank 1 never started step 3; rank 2 also waits.
+    _beat(tmp_path, 1, 2, False, 990.0)
+    _beat(tmp_path, 2, 2, True, 995.0)
+    assert _dog(tmp_path, 0, 3, 2, True).culprit()["rank"] == 1
+    # Whoever reports, the same rank is named.
+    _beat(tmp_path, 0, 2, True, 1000.0)
+    assert _dog(tmp_path, 2, 3, 2, True).culprit()["rank"] == 1
+    # All in the same place: the one that has waited longest.
+    _beat(tmp_path, 1, 2, True, 990.0)
+    assert _dog(tmp_path, 0, 3, 2, True).culprit()["rank"] == 1
+
+
+def test_heartbeats_of_another_launch_and_paused_ranks_are_left_out(tmp_path):
+    _beat(tmp_path, 1, 0, False, 10.0, launch="earlier")
+    assert _dog(tmp_path, 0, 2, 5, True).culprit()["rank"] == 0
+    _beat(tmp_path, 1, 4, False, 10.0, paused=True)
+    assert _dog(tmp_path, 0, 2, 5, True).culprit()["rank"] == 0
+
+
+def _watch(tmp_path, monkeypatch, timeout_s: float):
+    reports = []
+    monkeypatch.setattr(Watchdog, "_report", lambda self, idle: (reports.append(idle), self._stop.set()))
+    progress = SimpleNamespace(step=0)
+    dog = Watchdog(timeout_s, 0, 1)
+    dog.watch(progress, tmp_path, SimpleNamespace(is_main=True, broadcast_object=lambda value: value))
+    return dog, progress, reports
+
+
+def _wait_for(condition, limit_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_stalled_loop_is_reported_and_paused_work_is_not(tmp_path, monkeypatch):
+    dog, progress, reports = _watch(tmp_path, monkeypatch, timeout_s=0.5)
+    try:
+        # Not armed before the first step of the launch (start-up, compilation): nothing fires.
+        time.sleep(1.0)
+        assert not reports
+        progress.step = 1
+        assert _wait_for(lambda: dog.armed)
+        with watchdog.paused():  # a checkpoint, a grid: as long as it takes
+            time.sleep(1.5)
+            assert not reports
+        assert _wait_for(lambda: reports)  # then the loop stalls
+        assert reports[0] > 0.5
+        assert json.loads((tmp_path / "ranks" / "heartbeat-00000.json").read_text())["step"] == 1
+    finally:
+        dog.stop()
+
+
+def test_a_disarmed_watchdog_stays_quiet(tmp_path, monkeypatch):
+    dog, progress, reports = _watch(tmp_path, monkeypatch, timeout_s=0.3)
+    try:
+        progress.step = 1
+        assert _wait_for(lambda: dog.armed)
+        watchdog.disarm()  # the final checkpoint was written
+        time.sleep(1.0)
+        assert not reports
+    finally:
+        dog.stop()
+
+
+def test_a_hang_timeout_at_or_above_the_collective_timeout_is_refused():
+    from pipeline.config import DistributedConfig
+
+    with pytest.raises(ValueError, match=r"hang_timeout_minutes \(30\) must be below timeout_minutes \(30\)"):
+        DistributedConfig(hang_timeout_minutes=30)
+    assert DistributedConfig().resolved_hang_timeout_minutes() == 10
+    assert DistributedConfig(timeout_minutes=6).resolved_hang_timeout_minutes() == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+HANG = {"distributed.hang_timeout_minutes": 0.1, "train.max_steps": 8, "checkpoint.every_steps": 2}
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_ends_the_job_with_its_name(digits_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    job = Job(digits_dir, run_dir, env=faults.env(stall_rank=1, stall_at_step=3), **HANG)
+    code = job.wait(timeout=300)  # the assertion is that it ends, and how; never on speed
+    output = job.output()
+    if code != EXIT_HUNG:
+        job.fail(f"expected exit status {EXIT_HUNG}, got {code}")
+    lines = [line for line in output.splitlines() if "made no progress" in line]
+    assert len(lines) == 1, output[-3000:]
+    assert lines[0].startswith(f"error: rank 1 on host {HOST} made no progress for ")
+    assert "s after step 2 (distributed.hang_timeout_minutes=0.1)" in lines[0]
+    report = json.loads((run_dir / "ranks" / "hang.json").read_text())
+    assert (report["rank"], report["step"], report["host"]) == (1, 2, HOST)
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_a_long_sample_grid_is_not_a_hang(digits_dir, tmp_path):
+    # The grid holds (fault seam) until a stop signal, far longer than the hang timeout; the
+    # watchdog must let it, and the job ends by the signal as usual.
+    run_dir = tmp_path / "run"
+    job = Job(digits_dir, run_dir, env=faults.env(hold_in_grid=True), **{**HANG, "sample.every_steps": 2})
+    job.wait_until(lambda: held(run_dir), "the hold inside the grid of step 2")
+    timeout_s = HANG["distributed.hang_timeout_minutes"] * 60
+    time.sleep(3 * timeout_s)
+    if job.process.poll() is not None:
+        job.fail("the job ended during the grid")
+    job.terminate()
+    code = job.wait()
+    if code != EXIT_PREEMPTED:
+        job.fail(f"a stop signal should end the job with {EXIT_PREEMPTED}, got {code}")
+    assert "made no progress" not in job.output()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_hung_slurm_job_is_requeued(digits_dir, tmp_path):
+    from launch import slurm as slurm_launch
+    from tests.test_slurm import CLUSTER_SCRIPT, events, job_id_of, logs, run_launch, tiny
+    import subprocess
+
+    if subprocess.run([str(CLUSTER_SCRIPT), "status"], capture_output=True).returncode != 0:
+        pytest.skip("the test Slurm cluster is not up (scripts/slurm_cluster.sh start)")
+    run_dir = tmp_path / "run"
+    submitted = run_launch("slurm", *tiny(run_dir, digits_dir / "train", 8, "distributed.hang_timeout_minutes=0.1",
+                                           "slurm.max_requeues=1"),
+                           env=faults.env(stall_rank=1, stall_at_step=3), timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = job_id_of(run_dir)
+    deadline = time.monotonic() + 240
+    while True:  # a requeued job waits for its begin time; let it start now
+        fields = slurm_launch.job_state(job_id)
+        if fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            break
+        assert time.monotonic() < deadline, f"not requeued: {fields}\n{logs(run_dir)}"
+        time.sleep(0.3)
+    code = slurm_launch.wait(run_dir, job_id, poll_s=1)
+    assert code != 0, logs(run_dir)  # it hangs again, past slurm.max_requeues=1
+    kinds = [event["event"] for event in events(run_dir)]
+    assert kinds.count("hung") == 2 and kinds.count("requeued") == 1 and "not_requeued" in kinds, kinds
+    hung = [event for event in events(run_dir) if event["event"] == "hung"]
+    assert [(event["rank"], event["step"]) for event in hung] == [(1, 2), (1, 2)]
+    assert "rank 1 on host" in logs(run_dir) and "made no progress" in logs(run_dir)

@@ -415,7 +415,7 @@ class RunConfig(StrictModel):
             raise ValueError("eval.every_steps is set but data.eval_shards is not")
         if self.sample.options:
             try:
-                models.check_sample_options(self.model.family, dict(self.sample.options))
+                models.check_sample_options(self.model.family, dict(self.sample.options), self.model)
             except ValueError as exc:
                 raise ValueError(f"sample.options: {exc}") from None
         return self

@@ -23,7 +23,7 @@ def _sample(args) -> int:
 
     path = sample_to_png(
         args.run_dir, args.n, args.out, args.seed, args.ema, parse_options(args.options),
-        device=args.device, checkpoint_path=args.checkpoint,
+        device=args.device, checkpoint_path=args.checkpoint, classes=args.classes,
     )
     print(path)
     return 0
@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="write a grid of samples from a run's checkpoint")
     sample.add_argument("run_dir", help="a run directory, or a weights file from `launch export`")
     sample.add_argument("options", nargs="*", default=[], help="sampling options, e.g. sampler=ddim steps=50")
-    sample.add_argument("--n", type=int, default=64, help="number of images")
+    sample.add_argument("--n", type=int, default=64,
+                        help="number of images (with --classes: images per class)")
+    sample.add_argument("--classes", default=None, metavar="0,1,2",
+                        help="class-conditional runs: one grid row per listed class, in this order")
     sample.add_argument("--out", default="samples.png", help="output PNG")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,

@@ -17,9 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import config as config_module
+from pipeline import conditioning, config as config_module
 from pipeline.config import RunConfig
-from pipeline.data import check_shards_match, resolve_shards
+from pipeline.data import resolve_shards
 from pipeline.errors import UserError
 from pipeline.preemption import EXIT_PREEMPTED, STOP_SIGNALS
 from pipeline.trainer import write_resolved_config
@@ -35,7 +35,8 @@ def preflight(config: RunConfig, nproc: int) -> None:
     """Checks that need no process group: shards exist, match the config, suffice for the readers."""
     data = config.data
     train = resolve_shards(data.shards, "data.shards")
-    check_shards_match(train, data.image_size, data.channels, "data.shards")
+    # Labels asked for when the model is class-conditional (model.num_classes), in range.
+    conditioning.check_shards(train, data.image_size, data.channels, "data.shards", config.model)
     readers = nproc * max(data.num_workers, 1)
     if len(train.urls) < readers:
         raise UserError(
@@ -45,7 +46,7 @@ def preflight(config: RunConfig, nproc: int) -> None:
         )
     if data.eval_shards is not None:
         held_out = resolve_shards(data.eval_shards, "data.eval_shards")
-        check_shards_match(held_out, data.image_size, data.channels, "data.eval_shards")
+        conditioning.check_shards(held_out, data.image_size, data.channels, "data.eval_shards", config.model)
     # Model-level mistakes (attention at an unreachable resolution, sizes that do not divide)
     # surface here, before any process starts; the meta device allocates nothing.
     import torch

@@ -12,6 +12,10 @@ so their spread holds both the data's spread and any Monte-Carlo noise of the es
 (diffusion's sampled timesteps and x_t): the standard error of the reported mean, not of an
 exact evaluation of the same images.
 
+A class-conditional model (``model.num_classes``) is evaluated conditional on each image's true
+label: the pass reads the shards' ``.cls`` labels beside the images, and the number is the mean
+of -log2 p(x | y) / D.
+
 The family's choices that depend on the size of the pass (diffusion's exact sum or Monte-Carlo
 estimate) are made once, for the number of images the pass will read when the shards' manifest
 says (`pass_images`), by ``model.held_out_estimator`` (`pipeline.models.base`).
@@ -98,6 +102,7 @@ def held_out_evaluation(
         image_size=image_size,
         channels=channels,
         max_images=max_images,
+        labels=getattr(model, "num_classes", None) is not None,
     )
     estimator = model.held_out_estimator(
         pass_images(shards, world_size=world_size, max_images=max_images), **bits_per_dim_options)
@@ -111,9 +116,13 @@ def held_out_evaluation(
     total = torch.zeros(3, dtype=torch.float64, device=device)  # [sum, sum of squares, images]
     try:
         for batch in loader:
-            reported = _BatchProgress(progress, batch.shape[0]) if progress is not None else None
+            images, labels = (batch, None) if isinstance(batch, torch.Tensor) else (batch.images, batch.labels)
+            reported = _BatchProgress(progress, images.shape[0]) if progress is not None else None
             with autocast:
-                bits = estimator(batch.to(device), reported).double()
+                if labels is None:
+                    bits = estimator(images.to(device), reported).double()
+                else:
+                    bits = estimator(images.to(device), reported, labels=labels.to(device)).double()
             total[0] += bits.sum()
             total[1] += bits.square().sum()
             total[2] += bits.numel()

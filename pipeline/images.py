@@ -1,4 +1,8 @@
-"""Sample grids as PNG, byte-for-byte reproducible from the same uint8 images."""
+"""Sample grids as PNG, byte-for-byte reproducible from the same uint8 images.
+
+A class-conditional model's grid has one row per class (`class_rows`): the images of each class
+side by side, the classes top to bottom in the order asked, with the same padding as any grid.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import io
 import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,6 +35,22 @@ def grid(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> 
         top, left = padding + row * (height + padding), padding + column * (width + padding)
         canvas[top : top + height, left : left + width] = array[index]
     return canvas[..., 0] if channels == 1 else canvas
+
+
+def class_rows(classes: Sequence[int], per_class: int) -> torch.Tensor:
+    """The labels of a grid with one row per class: each class ``per_class`` times, in the
+    order given, int64 [len(classes) * per_class]; draw them with ``columns=per_class``."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be at least 1, got {per_class}")
+    return torch.tensor(list(classes), dtype=torch.int64).repeat_interleave(per_class)
+
+
+def grid_classes(num_classes: int, images: int) -> tuple[list[int], int]:
+    """(classes, images per class) of a training grid of at most ``images`` images, near square:
+    one row for each of the first min(num_classes, ceil(sqrt(images))) classes, as many images
+    in each as fit (100 images of 10 classes: 10 rows of 10; 64 of 1000 classes: 8 rows of 8)."""
+    rows = min(num_classes, math.ceil(math.sqrt(images)))
+    return list(range(rows)), images // rows
 
 
 def png_bytes(images: torch.Tensor, columns: int | None = None) -> bytes:

@@ -4,7 +4,8 @@ Every component answers ``due(step)`` (or ``due(record)``) and does its one job 
 
 - `MetricsSink`: a logged record to ``metrics.jsonl``, W&B and the progress bar (rank 0).
 - `Throughput`: MFU and peak GPU memory fields of each training record.
-- `SampleGrid`: a grid of samples with a fixed seed (rank 0; a stop signal abandons it).
+- `SampleGrid`: a grid of samples with a fixed seed (rank 0; a stop signal abandons it); a
+  class-conditional model's grid has one row per class.
 - `HeldOutEval`: held-out bits/dim on ``data.eval_shards`` (every process its share).
 - `FidEval`: FID/KID of generated images against the held-out shards.
 - `StopSignal`: whether any process received a stop signal, agreed by all.
@@ -114,6 +115,15 @@ class SampleGrid:
     def due(self, step: int) -> bool:
         return bool(self.sample.every_steps) and step % self.sample.every_steps == 0
 
+    def layout(self, model) -> tuple[int, dict, int | None]:
+        """(images, the labels argument, columns): ``sample.n`` images in a square for an
+        unconditional model; for a conditional one a row per class (`images.grid_classes`)."""
+        if getattr(model, "num_classes", None) is None:
+            return self.sample.n, {}, None
+        classes, per_class = images.grid_classes(model.num_classes, self.sample.n)
+        labels = images.class_rows(classes, per_class)
+        return len(labels), {"labels": labels}, per_class
+
     def due_at_end(self, step: int) -> bool:
         return self.sample.at_end and self.last_step != step
 
@@ -130,9 +140,10 @@ class SampleGrid:
                     with preemption.interruptible():
                         self.faults.in_grid(self.run_dir.path, self.processes.rank, preemption.stop_requested)
                         generator = torch.Generator().manual_seed(sample.seed)
+                        count, labels, columns = self.layout(model)
                         with self.strategy.autocast():
-                            grid = model.sample(sample.n, generator, **sample.options)
-                    path = images.save_png(grid, self.run_dir.sample_path(step))
+                            grid = model.sample(count, generator, **labels, **sample.options)
+                    path = images.save_png(grid, self.run_dir.sample_path(step), columns)
                     self.tracker.log_image("samples", path, step, caption=f"step {step}")
                 except preemption.StopRequested as stop:
                     log.info("stop requested (%s): the sample grid of step %d is skipped", stop, step)

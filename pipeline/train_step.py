@@ -1,8 +1,9 @@
 """One optimizer step, and the window of metrics it feeds.
 
 `TrainStep` is the whole of one optimizer step: the learning rate for the step, ``grad_accum``
-micro-batches through the strategy (gradient sync only on the last), the optimizer step (clip,
-skip when non-finite), the EMA update and the device-side health counters. The trainer calls it
+micro-batches through the strategy (gradient sync only on the last; for a class-conditional
+model each micro-batch's labels travel with its images), the optimizer step (clip, skip when
+non-finite), the EMA update and the device-side health counters. The trainer calls it
 once per step, and benchmarks/train_step.py times this very object.
 
 `MetricWindow` keeps the step's metrics as running sums on the device and reduces them across
@@ -129,12 +130,17 @@ class MetricWindow:
 
 
 class TrainStep:
-    """One optimizer step: LR, micro-batches, optimizer step, EMA, metrics (module docstring)."""
+    """One optimizer step: LR, micro-batches, optimizer step, EMA, metrics (module docstring).
+
+    ``batches`` gives uint8 image tensors (``next``); with ``labels`` (a class-conditional model)
+    it must be a `pipeline.data.TrainingBatches` built with labels, whose ``next_batch`` gives
+    each batch's labels too."""
 
     def __init__(self, strategy, batches: Iterator[torch.Tensor], train, global_batch: int,
-                 ema=None, faults=None, rank: int = 0):
+                 ema=None, faults=None, rank: int = 0, labels: bool = False):
         self.strategy = strategy
         self.batches = batches
+        self.labels = labels
         self.train = train
         self.global_batch = global_batch
         self.ema = ema
@@ -151,10 +157,16 @@ class TrainStep:
         waited = 0.0
         for micro in range(accum):
             before = time.perf_counter()
-            batch = next(self.batches)
+            if self.labels:
+                fetched = self.batches.next_batch()
+                batch, labels = fetched.images, fetched.labels.to(strategy.device, non_blocking=True)
+            else:
+                batch, labels = next(self.batches), None
             waited += time.perf_counter() - before
             batch = batch.to(strategy.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            loss, metrics = strategy.forward_backward(batch, micro == accum - 1, make_nan)
+            # Labels go only to a conditional model's step (DDP and DeepSpeed take them).
+            extra = {} if labels is None else {"labels": labels}
+            loss, metrics = strategy.forward_backward(batch, micro == accum - 1, make_nan, **extra)
             for name, value in {"loss": loss, **metrics}.items():
                 value = value.detach().float() / accum
                 values[name] = values[name] + value if name in values else value

@@ -30,11 +30,11 @@ import sys
 
 import torch
 
-from pipeline import config as config_module, models, preemption, strategies
+from pipeline import conditioning, config as config_module, models, preemption, strategies
 from pipeline.checkpointer import Checkpointer, seed_process
 from pipeline.config import RunConfig
 from pipeline.digits_quality import SampleQualityEval
-from pipeline.data import TrainingBatches, check_shards_match, resolve_shards, shards_for_reader
+from pipeline.data import TrainingBatches, resolve_shards, shards_for_reader
 from pipeline.errors import UserError
 from pipeline.faults import Faults
 from pipeline.periodic import FidEval, HeldOutEval, MetricsSink, SampleGrid, StopSignal, Throughput
@@ -75,7 +75,9 @@ class Trainer:
         seed_process(config.seed, processes.rank)
         # 3. The data stream, from the checkpoint's position (its random streams restored too).
         self.train_shards = resolve_shards(data.shards, "data.shards")
-        check_shards_match(self.train_shards, data.image_size, data.channels, "data.shards")
+        # A class-conditional model (model.num_classes) reads each batch's labels beside it.
+        self.conditional = model.num_classes is not None
+        conditioning.check_shards(self.train_shards, data.image_size, data.channels, "data.shards", config.model)
         self.batches = self._batches(resume.restore_randomness_and_data() if resume else None)
         # 4. Weights into the plain model: the checkpoint's, or initialised from the first batch.
         if resume is not None:
@@ -94,11 +96,13 @@ class Trainer:
             resume.restore_progress(self.progress, self.window)
 
         self.global_batch = data.batch_size * processes.world_size * train.grad_accum
-        self.train_step = TrainStep(strategy, self.batches, train, self.global_batch, self.ema, self.faults, processes.rank)
+        self.train_step = TrainStep(strategy, self.batches, train, self.global_batch, self.ema, self.faults,
+                                    processes.rank, labels=self.conditional)
         self.eval_shards = None
         if data.eval_shards is not None:
             self.eval_shards = resolve_shards(data.eval_shards, "data.eval_shards")
-            check_shards_match(self.eval_shards, data.image_size, data.channels, "data.eval_shards")
+            conditioning.check_shards(self.eval_shards, data.image_size, data.channels, "data.eval_shards",
+                                      config.model)
         self.tracker = make_tracker(self.run_dir.path, config.wandb, self._tracked_config(), processes.is_main)
         self.checkpointer.attach(self.progress, strategy, self.ema, self.window, self.batches)
         processes.watch(self.progress, self.run_dir.path)  # a stalled training loop ends the job
@@ -206,15 +210,17 @@ class Trainer:
             num_workers=data.num_workers, batch_size=data.batch_size, image_size=data.image_size,
             channels=data.channels, shuffle_buffer=data.shuffle_buffer, random_flip=data.random_flip,
             prefetch_factor=data.prefetch_factor, pin_memory=self.processes.device.type == "cuda", state=data_state,
+            labels=self.conditional,
         )
 
     @torch.no_grad()
     def _data_dependent_init(self) -> None:
         """The first batch through the model once, so data-initialised layers (Glow's ActNorm) set
         themselves; the strategy then broadcasts rank 0's weights, and the EMA starts from them."""
-        batch = self.batches.peek().to(self.processes.device)
+        batch = self.batches.peek_batch()
+        labels = batch.labels.to(self.processes.device) if self.conditional else None
         with self.strategy.autocast():
-            self.model.loss(batch)
+            self.model.loss(batch.images.to(self.processes.device), labels)
 
     def _tracked_config(self) -> dict:
         tracked = config_module.to_dict(self.config)

@@ -2,7 +2,8 @@
 
     data-prep digits OUT      sklearn's 8x8 digits, upscaled, with labels (the default data set)
     data-prep images SRC OUT  a directory tree of image files, resized and centre-cropped
-                              (files it passes over are counted, listed, and say why)
+                              (files it passes over are counted, listed, and say why);
+                              --labels folders: the first folder under SRC is the class
     data-prep reshard SRC OUT WebDataset shards of any origin (img2dataset's, ours; a directory,
                               pattern or URL) re-encoded at one size, keys and metadata kept
     data-prep verify OUT      check shards against their manifests
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--workers", type=_int_at_least(1), default=None,
                         help="decoding processes (default: the CPUs available)")
     images.add_argument("--seed", type=int, default=0, help="seed of the holdout and order")
+    images.add_argument("--labels", choices=("none", "folders"), default="none",
+                        help="folders: label each image by the first folder under SRC (ImageFolder's "
+                             "SRC/<class>/...; classes in sorted order, names and counts in the "
+                             "manifest); none: unlabelled (default)")
     images.add_argument("--overwrite", action="store_true", help="replace existing splits in OUT")
 
     reshard = commands.add_parser(
@@ -179,6 +184,16 @@ def run_images(args: argparse.Namespace) -> int:
     if not src.is_dir():
         raise UserError(f"{src}: source is not a directory")
     paths, passed_over = sources.scan_tree(src)
+    class_names, label_of = [], {}
+    if args.labels == "folders":
+        class_names, label_of = sources.folder_classes(paths)
+        passed_over = sorted(passed_over + [{"path": path, "reason": sources.NO_CLASS_FOLDER}
+                                            for path in paths if path not in label_of],
+                             key=lambda item: item["path"])
+        paths = [path for path in paths if path in label_of]
+        if not class_names:
+            raise UserError(f"{src}: --labels folders needs the images in one folder per class "
+                            f"(SRC/<class>/...); every image is directly in {src}")
     if not paths:
         extensions = ", ".join(sorted(sources.image_extensions()))
         raise UserError(f"{src}: no image files ({extensions}) found"
@@ -201,12 +216,12 @@ def run_images(args: argparse.Namespace) -> int:
             order = sources.shuffled([p for p in paths if split_of[p] == split], args.seed)
             skipped = [item for item in passed_over
                        if sources.assign_split(item["path"], args.holdout, args.seed) == split]
-            samples = _decoded(order, decode, pool, workers, skipped)
+            samples = _decoded(order, decode, pool, workers, skipped, label_of)
             manifests[split] = write_split(
                 samples, output.path(split), split=split, image_size=args.size,
                 channels=1 if args.mode == "L" else 3, encoding=args.format,
                 samples_per_shard=args.samples_per_shard, source=str(src.resolve()),
-                skipped=skipped)
+                skipped=skipped, num_classes=len(class_names), class_names=tuple(class_names))
         if sum(m.num_samples for m in manifests.values()) == 0:
             raise UserError(f"{src}: none of the {len(paths)} image files could be read "
                             f"(first: {paths[0]})")
@@ -220,6 +235,10 @@ def run_images(args: argparse.Namespace) -> int:
             pool.join()
     for split in splits:
         _report(manifests[split], finals[split])
+    if class_names:
+        counts = ", ".join(f"{name} {sum(m.class_counts[label] for m in manifests.values())}"
+                           for label, name in enumerate(class_names))
+        print(f"{len(class_names)} classes (labels 0..{len(class_names) - 1} in this order): {counts}")
     _report_skipped({split: (manifests[split], finals[split]) for split in splits})
     return 0
 
@@ -234,9 +253,13 @@ def _report_skipped(written: dict) -> None:
     if not skipped:
         return
     unsupported = sum(item["reason"].startswith(sources.NOT_READ) for item in skipped)
-    kinds = [f"{len(skipped) - unsupported} unreadable"] if len(skipped) > unsupported else []
+    unfoldered = sum(item["reason"] == sources.NO_CLASS_FOLDER for item in skipped)
+    unreadable = len(skipped) - unsupported - unfoldered
+    kinds = [f"{unreadable} unreadable"] if unreadable else []
     if unsupported:
         kinds.append(f"{unsupported} not images by name (extension or hidden)")
+    if unfoldered:
+        kinds.append(f"{unfoldered} outside a class folder")
     where = ", ".join(str(final / MANIFEST_NAME) for manifest, final in written.values()
                       if manifest.skipped)
     plural = "s" if len(skipped) != 1 else ""
@@ -247,8 +270,10 @@ def _report_skipped(written: dict) -> None:
         print(f"  ... and {len(skipped) - SKIPPED_SHOWN} more (listed in {where})")
 
 
-def _decoded(order: list[str], decode, pool, workers: int, skipped: list[dict]) -> Iterator[Sample]:
-    """Samples of the decodable files of `order`, in that order; the others go to `skipped`."""
+def _decoded(order: list[str], decode, pool, workers: int, skipped: list[dict],
+             label_of: dict[str, int] | None = None) -> Iterator[Sample]:
+    """Samples of the decodable files of `order`, in that order (labelled from `label_of` when
+    given); the others go to `skipped`."""
     if pool is None:
         results = (decode(path) for path in order)
     else:
@@ -259,7 +284,7 @@ def _decoded(order: list[str], decode, pool, workers: int, skipped: list[dict]) 
         if data is None:
             skipped.append({"path": path, "reason": reason})
         else:
-            yield Sample(image=data, source=path)
+            yield Sample(image=data, source=path, label=label_of.get(path) if label_of else None)
 
 
 RESHARD_CHUNK = 32  # samples sent to a worker at once

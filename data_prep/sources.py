@@ -150,6 +150,18 @@ def unsupported_reason(extension: str) -> str:
     return f"unsupported extension {extension}"
 
 
+def folder_classes(paths: list[str]) -> tuple[list[str], dict[str, int]]:
+    """(class names, label of each path) by the first folder under the source directory, as
+    torchvision's ImageFolder: classes are the folder names in sorted order, labelled 0, 1, ...
+    Paths directly in the source directory belong to no class and get no label."""
+    names = sorted({path.split("/", 1)[0] for path in paths if "/" in path})
+    index = {name: label for label, name in enumerate(names)}
+    return names, {path: index[path.split("/", 1)[0]] for path in paths if "/" in path}
+
+
+NO_CLASS_FOLDER = "not inside a class folder (--labels folders)"
+
+
 def assign_split(relative_path: str, holdout: float, seed: int) -> str:
     """"test" for a stable fraction `holdout` of paths, "train" for the rest.
 

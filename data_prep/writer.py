@@ -102,6 +102,7 @@ class ShardWriter:
         self.encoding = encoding
         self.shards: list[ShardInfo] = []
         self.num_samples = 0
+        self.label_counts: dict[int, int] = {}  # samples written per label
         self._tar: tarfile.TarFile | None = None
         self._file = None
         self._hashing: _HashingFile | None = None
@@ -116,6 +117,7 @@ class ShardWriter:
         members.setdefault(f"{key}.json", json.dumps({"source": sample.source}).encode("ascii"))
         if sample.label is not None:
             members.setdefault(f"{key}.cls", str(int(sample.label)).encode("ascii"))
+            self.label_counts[int(sample.label)] = self.label_counts.get(int(sample.label), 0) + 1
         for name in sorted(members):
             self._tar.addfile(_member(name, members[name]), io.BytesIO(members[name]))
         self.num_samples += 1
@@ -159,8 +161,10 @@ class ShardWriter:
 
 def write_split(samples: Iterable[Sample], directory: str | os.PathLike, *, split: str,
                 image_size: int, channels: int, encoding: str, samples_per_shard: int,
-                source: str, skipped: Iterable[dict] = (), num_classes: int = 0) -> Manifest:
-    """Write `samples` as shards into `directory` (which must exist), then its manifest."""
+                source: str, skipped: Iterable[dict] = (), num_classes: int = 0,
+                class_names: tuple[str, ...] = ()) -> Manifest:
+    """Write `samples` as shards into `directory` (which must exist), then its manifest (with the
+    classes' names and this split's count of each, when `class_names` are given)."""
     writer = ShardWriter(directory, samples_per_shard, encoding)
     try:
         for sample in samples:
@@ -169,17 +173,21 @@ def write_split(samples: Iterable[Sample], directory: str | os.PathLike, *, spli
         writer.abort()
         raise
     return finish_split(writer, split=split, image_size=image_size, channels=channels,
-                        source=source, skipped=skipped, num_classes=num_classes)
+                        source=source, skipped=skipped, num_classes=num_classes,
+                        class_names=class_names)
 
 
 def finish_split(writer: ShardWriter, *, split: str, image_size: int, channels: int, source: str,
-                 skipped: Iterable[dict] = (), num_classes: int = 0, keys: str = "index") -> Manifest:
+                 skipped: Iterable[dict] = (), num_classes: int = 0, keys: str = "index",
+                 class_names: tuple[str, ...] = ()) -> Manifest:
     """Close `writer`'s last shard and write the manifest of what it wrote."""
     shards = writer.close()
+    class_counts = tuple(writer.label_counts.get(label, 0) for label in range(num_classes)) if class_names else ()
     manifest = Manifest(
         split=split, image_size=image_size, channels=channels, encoding=writer.encoding,
         num_samples=writer.num_samples, shards=tuple(shards), skipped=tuple(skipped),
         source=source, num_classes=num_classes, keys=keys,
+        class_names=tuple(class_names), class_counts=class_counts,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     write_manifest(manifest, writer.directory)

@@ -48,6 +48,8 @@ class Manifest:
     source: str  # where the images came from (a directory, or "sklearn.datasets.load_digits")
     created: str  # ISO 8601 UTC time of writing
     num_classes: int = 0  # labels 0..num_classes-1 stored as "<key>.cls"; 0: no labels
+    class_names: tuple[str, ...] = ()  # name of each class 0..num_classes-1 where known (folder names)
+    class_counts: tuple[int, ...] = ()  # samples of each class in this split, beside class_names
     keys: str = "index"  # "index": keys are the samples' %09d indices; "source": kept from the source shards
     format: str = FORMAT
 
@@ -61,6 +63,11 @@ class Manifest:
         data["skipped"] = [dict(item) for item in self.skipped]
         if self.keys == "index":
             del data["keys"]  # the default: manifests stay readable by versions without the field
+        for name in ("class_names", "class_counts"):
+            if data[name]:
+                data[name] = list(data[name])
+            else:
+                del data[name]  # likewise: written only where known
         return data
 
 
@@ -207,6 +214,15 @@ def _manifest_from_dict(data: Any, path: Path) -> Manifest:
     keys = data.get("keys", "index")
     if keys not in KEYS:
         raise _fail(path, "keys", " or ".join(repr(k) for k in KEYS), keys)
+    class_names = data.get("class_names", [])
+    if (not isinstance(class_names, list) or any(not isinstance(name, str) for name in class_names)
+            or (class_names and len(class_names) != num_classes)):
+        raise _fail(path, "class_names", f"a list of {num_classes} names (one per class)", class_names)
+    class_counts = data.get("class_counts", [])
+    if (not isinstance(class_counts, list)
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in class_counts)
+            or (class_counts and len(class_counts) != num_classes)):
+        raise _fail(path, "class_counts", f"a list of {num_classes} non-negative counts", class_counts)
     return Manifest(
         split=split,
         image_size=image_size,
@@ -218,6 +234,8 @@ def _manifest_from_dict(data: Any, path: Path) -> Manifest:
         source=source,
         created=created,
         num_classes=num_classes,
+        class_names=tuple(class_names),
+        class_counts=tuple(class_counts),
         keys=keys,
         format=fmt,
     )

@@ -14,6 +14,9 @@ on it, and nothing reads the environment inside a step::
 - ``hold_after_step=N``: after step N (its metrics logged), every rank waits until a stop signal
   arrives, so a test's signal lands at a known step however fast the machine is.
 - ``hold_in_grid``: the sample grid waits, inside sampling, until a stop signal arrives.
+- ``log_sample_keys``: after each step every rank appends the samples it consumed in that step
+  (``shard/key``, in batch order) to ``run_dir/ranks/sample-keys-rank-RRRRR.jsonl``, so a test
+  can compare the global batches of two runs (tests/test_elastic_data.py).
 - ``compile_backend=NAME``: torch.compile backend (e.g. ``aot_eager``: graphs, no code generation).
 - ``stall_rank=R;stall_at_step=N``: rank R stops before step N as a hung rank would (it sleeps,
   up to ``HOLD_LIMIT_S``), so a test sees the hang watchdog (pipeline/watchdog.py) end the job.
@@ -26,6 +29,7 @@ is inside the grid's own untimed section, which is what a test of that section n
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -49,6 +53,7 @@ class Faults:
     hold_after_step: int | None = None
     hold_in_grid: bool = False
     compile_backend: str | None = None
+    log_sample_keys: bool = False
     stall_rank: int | None = None
     stall_at_step: int | None = None
     rank: int = 0
@@ -64,7 +69,7 @@ class Faults:
                 values[name] = int(value)
             elif name == "nan_at_steps":
                 values[name] = frozenset(int(v) for v in value.split(",") if v.strip())
-            elif name == "hold_in_grid":
+            elif name in ("hold_in_grid", "log_sample_keys"):
                 values[name] = value.strip().lower() not in ("0", "false", "no")
             elif name == "compile_backend":
                 values[name] = value.strip()
@@ -101,6 +106,8 @@ class Faults:
             time.sleep(3600)
 
     def after_step(self, step: int, run_dir: Path, rank: int, stop_requested: Callable[[], bool]) -> None:
+        if self.log_sample_keys:
+            write_consumed(step, run_dir, rank)
         if self.hold_after_step is not None and step == self.hold_after_step:
             with watchdog.paused():  # a wait the test asked for, not a stall
                 hold(f"after step {step}", run_dir, rank, stop_requested)
@@ -108,6 +115,23 @@ class Faults:
     def in_grid(self, run_dir: Path, rank: int, stop_requested: Callable[[], bool]) -> None:
         if self.hold_in_grid:
             hold("in the sample grid", run_dir, rank, stop_requested)
+
+
+# The data loader's side of ``log_sample_keys``: what this process consumed since the last step.
+_consumed: list[str] = []
+
+
+def record_consumed(sample_ids: list[str]) -> None:
+    """Called by `pipeline.data.TrainingBatches` for each batch it delivers, when the fault is on."""
+    _consumed.extend(sample_ids)
+
+
+def write_consumed(step: int, run_dir: Path, rank: int) -> None:
+    path = Path(run_dir) / "ranks" / f"sample-keys-rank-{rank:05d}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"step": step, "keys": _consumed}) + "\n")
+    _consumed.clear()
 
 
 def hold(where: str, run_dir: Path, rank: int, stop_requested: Callable[[], bool]) -> None:

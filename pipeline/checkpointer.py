@@ -31,6 +31,7 @@ import torch
 
 from pipeline import checkpoint, watchdog
 from pipeline.checkpoint import LoadedCheckpoint
+from pipeline.data import saved_stream
 
 log = logging.getLogger("pipeline.trainer")
 
@@ -104,11 +105,13 @@ class Resume:
         self.saved_world_size = int(self.trainer_state["world_size"])
 
     def restore_randomness_and_data(self) -> dict:
-        """Set this process's random streams; return the data loader's state.
+        """Set this process's random streams; return the data stream's state.
 
-        Same process count: each rank's own streams and reader positions. Another count: the
-        weights, optimizer and step carry over; randomness is reseeded from the step, and every
-        reader starts the epoch after the furthest one any reader had reached (pipeline/data.py).
+        Same process count: each rank's own random streams. Another count: the random streams
+        (noise, timesteps, dropout) are reseeded from the step. Either way the data state is every
+        rank's position together (rank 0 reads them, all receive them), from which the loader
+        resumes exactly on any process count the run's canonical partitions allow
+        (pipeline/data.py). Collective.
         """
         rank, world_size = self.processes.rank, self.processes.world_size
         rank_json = checkpoint.rank_file(rank, "json")
@@ -116,20 +119,20 @@ class Resume:
             with self.loaded.timed():
                 rank_state = self.loaded.json(rank_json)
                 set_rng_state(rank_state["rng"], self.loaded.tensors(checkpoint.rank_file(rank, "safetensors")))
-            return rank_state["data"]
-        seed_process(self.seed + self.step, rank)
-        positions = {}
-        for saved_rank in range(self.saved_world_size):
-            name = checkpoint.rank_file(saved_rank, "json")
-            if self.loaded.has(name):
-                positions.update(self.loaded.json(name)["data"]["positions"])
+        else:
+            seed_process(self.seed + self.step, rank)
+            if self.processes.is_main:
+                log.warning(
+                    "resuming a %d-process checkpoint with %d processes: weights, optimizer, step and "
+                    "the data stream are restored; the random streams (noise, timesteps, dropout) are "
+                    "reseeded from the step", self.saved_world_size, world_size
+                )
+        states = None
         if self.processes.is_main:
-            log.warning(
-                "resuming a %d-process checkpoint with %d processes: weights, optimizer and "
-                "step are restored; random streams are reseeded and the data stream restarts "
-                "(not the stream an uninterrupted run would have read)", self.saved_world_size, world_size
-            )
-        return {"num_readers": None, "positions": positions}
+            names = [checkpoint.rank_file(r, "json") for r in range(self.saved_world_size)]
+            states = [self.loaded.json(name)["data"] for name in names if self.loaded.has(name)]
+        states = self.processes.broadcast_object(states)
+        return saved_stream(states, int(self.trainer_state["images_seen"]), self.step)
 
     def restore_progress(self, progress, window) -> None:
         progress.step = self.step

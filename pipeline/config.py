@@ -49,9 +49,17 @@ class DataConfig(StrictModel):
     batch_size: int = Field(gt=0)
     """Images per process per micro-batch. Global batch = batch_size × processes × grad_accum."""
     num_workers: int = Field(default=2, ge=0)
-    """Data loader worker processes per training process (0 reads in the training process)."""
+    """Data loader worker processes per training process (0 reads in the training process). Each
+    reads an equal share of the process's canonical partitions, so at most that many work (the
+    largest divisor of the partitions per process not above this number)."""
+    canonical_partitions: int | None = Field(default=None, gt=0)
+    """Streams the shard list is read as, fixed for the life of a run: every global batch takes
+    the same number of samples from each, so the samples of step k are a function of the seed and
+    k alone, and a run resumes exactly on any process count that divides this number (when it
+    divides the global batch). None: the readers of the run's first start (processes ×
+    num_workers), recorded in its checkpoints. Each needs its own shard; see docs/data.md."""
     shuffle_buffer: int = Field(default=1000, ge=1)
-    """Samples held in each reader's shuffle buffer (1 disables sample shuffling)."""
+    """Samples held in each canonical partition's shuffle buffer (1 disables sample shuffling)."""
     random_flip: bool = False
     """Flip each training image horizontally with probability 1/2 (deterministic per sample)."""
     crop: Literal["center", "random"] = "center"
@@ -63,7 +71,7 @@ class DataConfig(StrictModel):
     shard_attempts: int = Field(default=5, ge=1)
     """Downloads of a remote shard before its failure stops the run (backoff 1 s, doubling)."""
     prefetch_factor: int = Field(default=4, ge=1)
-    """Batches each worker prepares ahead."""
+    """Batches' worth of samples each worker prepares ahead."""
 
 
 class TrainConfig(StrictModel):

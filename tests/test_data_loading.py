@@ -1,4 +1,4 @@
-"""pipeline.data: shard lists, the rank/worker split, determinism, exact resume, damaged data.
+"""pipeline.data: shard lists, the partition split, determinism, exact resume, damaged data.
 
 Shards are made inside each test (tests/conftest.py `make_id_shards`): 8 shards × 6 samples of
 8×8 grayscale images whose first row holds the sample's id (``images[:, 0, 0, 0]``), so a batch
@@ -23,9 +23,8 @@ from PIL import Image
 from conftest import make_id_shards
 from pipeline.data import (
     TrainingBatches,
-    reader_batches,
     resolve_shards,
-    shards_for_reader,
+    shards_for_partition,
 )
 from pipeline.errors import UserError, one_line
 
@@ -212,20 +211,23 @@ def test_one_epoch_delivers_every_sample_once(id_dir):
 
 
 def test_two_ranks_two_workers_split_epoch_zero(id_dir):
+    # By default a run has one canonical partition per reader: 2 processes × 2 workers = 4.
     urls = tuple(shard_files(id_dir))
-    readers = [set(shards_for_reader(urls, 0, 0, reader, 4)) for reader in range(4)]
-    assert set().union(*readers) == set(urls)
-    assert sum(len(r) for r in readers) == len(urls)  # disjoint
+    partitions = [set(shards_for_partition(urls, 0, 0, partition, 4)) for partition in range(4)]
+    assert set().union(*partitions) == set(urls)
+    assert sum(len(p) for p in partitions) == len(urls)  # disjoint
 
-    # Each reader holds 2 shards = 12 samples = 3 batches of 4: one epoch is 6 batches per rank.
+    # Each partition holds 2 shards = 12 samples; a rank's two partitions give 24 samples, one
+    # epoch, in 6 batches of 4 (2 from each worker's partition).
     per_rank: list[list[int]] = []
     for rank in (0, 1):
         batches = make_batches(str(id_dir), rank=rank, world_size=2, num_workers=2, batch_size=4)
         try:
             per_rank.append([i for batch in take(batches, 6) for i in ids(batch)])
+            assert batches.layout.process_partitions() == range(2 * rank, 2 * rank + 2)
         finally:
             batches.close()
-        expected = set().union(*(shard_ids(u) for r in (2 * rank, 2 * rank + 1) for u in readers[r]))
+        expected = set().union(*(shard_ids(u) for p in (2 * rank, 2 * rank + 1) for u in partitions[p]))
         assert set(per_rank[rank]) == expected
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == list(range(TOTAL))
@@ -260,8 +262,8 @@ def test_epochs_are_reshuffled(id_dir):
         (0, 3, 4, 5),  # inside epoch 0
         (0, 10, 6, 5),  # across the epoch boundary (12 batches per epoch)
         (0, 12, 3, 1000),  # exactly at the boundary, whole-epoch buffer
-        (2, 4, 4, 5),  # the next batch comes from worker 0
-        (2, 5, 12, 5),  # next from worker 1 (rotation), across the boundary (12 per epoch)
+        (2, 4, 4, 5),  # two workers, each half of every batch
+        (2, 5, 12, 5),  # across the epoch boundary (12 batches per epoch)
         (2, 13, 4, 1000),  # in epoch 1 already
     ],
 )
@@ -312,21 +314,41 @@ def test_state_before_any_batch_restarts_at_the_beginning(id_dir):
     assert [ids(b) for b in take(resumed, 3)] == [ids(b) for b in take(make_batches(str(id_dir)), 3)]
 
 
-def test_reader_count_change_restarts_next_epoch_with_warning(id_dir, caplog):
-    two_workers = make_batches(str(id_dir), num_workers=2)
+@pytest.mark.parametrize("consumed", [4, 15])  # in epoch 0; in epoch 1 (12 batches per epoch)
+def test_worker_count_change_resumes_exactly(id_dir, consumed, caplog):
+    # The partitions are the run's (4 here), whoever reads them: 2 workers, the training process, 1 worker.
+    options = dict(canonical_partitions=4, batch_size=6)
+    reference = take(make_batches(str(id_dir), **options), consumed + 12)
+    two_workers = make_batches(str(id_dir), num_workers=2, **options)
     try:
-        take(two_workers, 15)  # 12 batches per epoch: the readers are in epoch 1
+        take(two_workers, consumed)
         state = two_workers.state_dict()
     finally:
         two_workers.close()
-    furthest = max(epoch for epoch, _ in state["positions"].values())
-    assert furthest == 1
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
-        one_reader = make_batches(str(id_dir), num_workers=0, state=state)
-    assert any("cannot resume exactly" in r.getMessage() for r in caplog.records)
-    got = next(one_reader)
-    expected = next(reader_batches(one_reader.spec, 0, furthest + 1, 0))["images"]
-    assert torch.equal(got, expected)
+        one_reader = make_batches(str(id_dir), num_workers=0, state=state, **options)
+        got = take(one_reader, 6)
+        one_worker = make_batches(str(id_dir), num_workers=1, state=one_reader.state_dict(), **options)
+    try:
+        got += take(one_worker, 6)
+    finally:
+        one_worker.close()
+    assert not caplog.records
+    # The same batches, in the same order: the readers' pieces are put back in the order of the
+    # process stream, whatever the number of readers.
+    assert [ids(b) for b in got] == [ids(b) for b in reference[consumed:]]
+
+
+def test_default_partitions_read_the_earlier_readers_streams(id_dir):
+    # One partition per reader by default, read as reader r of R read before partitions existed
+    # (the first 16 samples of each rank, 2 processes, 0 workers, as pipeline/data.py gave them
+    # then): checkpoints written then resume onto the same streams.
+    before = {0: [30, 33, 18, 32, 19, 21, 31, 35, 22, 23, 34, 26, 28, 27, 0, 29],
+              1: [44, 42, 43, 37, 36, 47, 38, 41, 46, 40, 6, 45, 8, 39, 10, 13]}
+    for rank, expected in before.items():
+        batches = make_batches(str(id_dir), rank=rank, world_size=2)
+        assert batches.layout.partitions == 2
+        assert [i for batch in take(batches, 4) for i in ids(batch)] == expected
 
 
 def test_shard_count_change_restarts_with_warning(id_dir, caplog):

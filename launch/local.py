@@ -10,6 +10,7 @@ is the job's: 0 finished, 75 stopped by a signal (relaunch resumes), otherwise t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,9 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import conditioning, config as config_module
+from pipeline import checkpoint, conditioning, config as config_module
 from pipeline.config import RunConfig
-from pipeline.data import resolve_shards
+from pipeline.data import plan_layout, resolve_shards, resume_problem
 from pipeline.errors import UserError
 from pipeline.preemption import EXIT_PREEMPTED, STOP_SIGNALS
 from pipeline.trainer import write_resolved_config
@@ -32,18 +33,13 @@ def free_port() -> int:
 
 
 def preflight(config: RunConfig, nproc: int) -> None:
-    """Checks that need no process group: shards exist, match the config, suffice for the readers."""
+    """Checks that need no process group: shards exist, match the config, suffice for the readers,
+    and a resumed run's data stream fits this process count."""
     data = config.data
     train = resolve_shards(data.shards, "data.shards")
     # Labels asked for when the model is class-conditional (model.num_classes), in range.
     conditioning.check_shards(train, data.image_size, data.channels, "data.shards", config.model)
-    readers = nproc * max(data.num_workers, 1)
-    if len(train.urls) < readers:
-        raise UserError(
-            f"data.shards: {len(train.urls)} shard(s) for {readers} readers ({nproc} process(es) × "
-            f"{max(data.num_workers, 1)} worker(s)); every reader needs its own shard: lower "
-            "data.num_workers or write smaller shards (data-prep --samples-per-shard)"
-        )
+    check_data_layout(config, nproc, len(train.urls))
     if data.eval_shards is not None:
         held_out = resolve_shards(data.eval_shards, "data.eval_shards")
         conditioning.check_shards(held_out, data.image_size, data.channels, "data.eval_shards", config.model)
@@ -59,6 +55,40 @@ def preflight(config: RunConfig, nproc: int) -> None:
     run_dir = Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run_dir: {run_dir} exists and is not a directory")
+
+
+def check_data_layout(config: RunConfig, nproc: int, num_shards: int) -> None:
+    """The canonical partitions fit the shards and the processes; a run resumed on another
+    process count keeps its global batch and can restore its data stream exactly."""
+    data = config.data
+    saved = saved_data_layout(config.run_dir)
+    plan_layout(num_shards, nproc, 0, data.num_workers, data.batch_size,
+                configured=data.canonical_partitions, saved=saved["partitions"] if saved else None)
+    if saved is None:
+        return
+    problem = resume_problem(saved["partitions"], saved["world_size"], saved["images_seen"], saved["step"],
+                             world_size=nproc, batch_size=data.batch_size, grad_accum=config.train.grad_accum,
+                             whole_rounds=not saved["legacy"])
+    if problem is not None:
+        raise UserError(f"run_dir: resuming {config.run_dir} (step {saved['step']}, {saved['world_size']} "
+                        f"process(es)) on {nproc}: {problem}")
+
+
+def saved_data_layout(run_dir) -> dict | None:
+    """Partitions, process count, images seen and step of the run's newest checkpoint (None when it
+    has none, or none readable here: the trainer then decides, verifying every file)."""
+    for _, path in reversed(checkpoint.list_checkpoints(run_dir)):
+        try:
+            loaded = checkpoint.LoadedCheckpoint(path, json.loads((path / "manifest.json").read_bytes()))
+            trainer_state = loaded.json("trainer.json")
+            data_state = loaded.json(checkpoint.rank_file(0, "json"))["data"]
+            legacy = "partitions" not in data_state
+            return {"partitions": int(data_state["num_readers" if legacy else "partitions"]),
+                    "world_size": int(trainer_state["world_size"]), "images_seen": int(trainer_state["images_seen"]),
+                    "step": int(trainer_state["step"]), "legacy": legacy}
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            continue
+    return None
 
 
 def warn_if_config_changed(config: RunConfig) -> None:

@@ -204,12 +204,9 @@ class Trainer:
     # -- set-up and tear-down -------------------------------------------------------------------
 
     def _batches(self, data_state: dict | None) -> TrainingBatches:
-        data = self.config.data
-        return TrainingBatches(
-            self.train_shards, seed=self.config.seed, rank=self.processes.rank, world_size=self.processes.world_size,
-            num_workers=data.num_workers, batch_size=data.batch_size, image_size=data.image_size,
-            channels=data.channels, shuffle_buffer=data.shuffle_buffer, random_flip=data.random_flip,
-            prefetch_factor=data.prefetch_factor, pin_memory=self.processes.device.type == "cuda", state=data_state,
+        return TrainingBatches.from_config(
+            self.train_shards, self.config.data, seed=self.config.seed, rank=self.processes.rank,
+            world_size=self.processes.world_size, pin_memory=self.processes.device.type == "cuda", state=data_state,
             labels=self.conditional,
         )
 

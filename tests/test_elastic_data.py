@@ -276,7 +276,7 @@ def test_launch_local_2_then_1_then_4_processes_reads_the_uninterrupted_samples(
     # 2 workers that share the 4 partitions.
     output = run_until_held(digits_dir, run_dir, 1, 8, **{"train.grad_accum": 2, "data.num_workers": 2})
     assert "resuming a 2-process checkpoint with 1 processes" in output
-    assert "data stream restored exactly" in output and "restarts" not in output
+    assert "data stream restored exactly" in output and "data stream restarts" not in output
     # Four processes of 2 images: another global batch is refused before anything starts...
     refused = run_cli(*launch_args(digits_dir, run_dir, 4), env=launch_env())
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr

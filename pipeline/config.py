@@ -421,6 +421,8 @@ class RunConfig(StrictModel):
     def _check_cross_fields(self) -> "RunConfig":
         if self.eval.every_steps and self.data.eval_shards is None:
             raise ValueError("eval.every_steps is set but data.eval_shards is not")
+        if self.train.compile and self.distributed.strategy == "deepspeed":
+            raise ValueError("train.compile is not supported with distributed.strategy: deepspeed")
         if self.sample.options:
             try:
                 models.check_sample_options(self.model.family, dict(self.sample.options), self.model)

@@ -96,7 +96,7 @@ class Watchdog:
         self.launch = ""
         self.step = -1
         self.first_step = 0
-        self.in_step = False
+        self.entered = -1  # the completed-step count when the training loop last entered a step
         self.pauses = 0
         self.armed = False
         self.disarmed = False
@@ -135,9 +135,17 @@ class Watchdog:
         self.last_change_wall = time.time()
 
     def _entered_step(self) -> None:
-        if not self.in_step:
-            self.in_step = True
+        # Keyed by the step count, not a flag the thread resets: the loop may enter the next step
+        # before this thread has seen the previous one end.
+        step = self.progress.step
+        if self.entered != step:
+            self.entered = step
             self._moved()
+
+    @property
+    def in_step(self) -> bool:
+        """Whether the loop has entered the step after the one this thread last saw end."""
+        return self.entered == self.step
 
     def _pause(self, delta: int) -> None:
         with self._lock:
@@ -150,7 +158,7 @@ class Watchdog:
         while not self._stop.wait(self.poll_s):
             step = self.progress.step
             if step != self.step:
-                self.step, self.in_step = step, False
+                self.step = step
                 self._moved()
                 self.armed = not self.disarmed and step > self.first_step
             self._publish()

@@ -40,7 +40,7 @@ def _beat(run_dir: Path, rank: int, step: int, in_step: bool, since: float, laun
 
 def _dog(run_dir: Path, rank: int, world_size: int, step: int, in_step: bool) -> Watchdog:
     dog = Watchdog(60, rank, world_size, host=f"h{rank}")
-    dog.run_dir, dog.launch, dog.step, dog.in_step = run_dir, "L", step, in_step
+    dog.run_dir, dog.launch, dog.step, dog.entered = run_dir, "L", step, step if in_step else step - 1
     dog.last_change_wall = 1000.0
     return dog
 
@@ -56,6 +56,19 @@ def test_the_rank_furthest_behind_is_named(tmp_path):
     # All in the same place: the one that has waited longest.
     _beat(tmp_path, 1, 2, True, 990.0)
     assert _dog(tmp_path, 0, 3, 2, True).culprit()["rank"] == 1
+
+
+def test_a_step_entered_before_the_thread_saw_the_last_one_end_counts_as_entered(tmp_path):
+    # The loop ends step 2 and enters step 3 between two polls of the watchdog's thread (a busy
+    # machine): the heartbeat must still say "in a step", or a rank waiting in step 3's collective
+    # looks like the stalled one (seen in CI: the wrong rank named).
+    dog = Watchdog(60, 0, 1)
+    dog.progress, dog.step = SimpleNamespace(step=1), 1
+    dog.progress.step = 2
+    dog._entered_step()  # the loop, before the thread polls
+    assert not dog.in_step  # the thread still believes step 2 is running
+    dog.step = dog.progress.step  # what the thread's poll records
+    assert dog.in_step and dog._heartbeat()["in_step"]
 
 
 def test_heartbeats_of_another_launch_and_paused_ranks_are_left_out(tmp_path):

@@ -21,6 +21,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "autoregressive": ("pipeline.models.autoregressive", "PixelCNNConfig", "PixelCNNModel"),
     "vae": ("pipeline.models.vae", "VAEConfig", "VAEModel"),
     "flow": ("pipeline.models.flow", "FlowConfig", "FlowModel"),
+    "autoencoder": ("pipeline.models.autoencoder", "AutoencoderConfig", "AutoencoderModel"),
 }
 
 

@@ -494,19 +494,28 @@ class PixelCNNModel(GenerativeModel):
         return torch.cat(chunks, dim=0)
 
     def _sample_batch(self, n: int, generator: torch.Generator, temperature: float,
-                      labels: Tensor | None = None) -> Tensor:
+                      labels: Tensor | None = None, cached: bool = True) -> Tensor:
+        """One batch in raster order. cached: each pass recomputes only the rows that changed
+        (`autoregressive_rows`); False: the whole network every pass (the reference it equals)."""
+        from pipeline.models.autoregressive_rows import CachedRows  # it imports this module
+
         device = next(self.parameters()).device
         size, channels, k = self.image_size, self.channels, self.config.num_mixtures
         x = torch.zeros(n, channels, size, size, dtype=torch.uint8, device=device)
+        if cached:
+            outputs_at = CachedRows(self.network, size, labels).outputs
+        else:
+            def outputs_at(x: Tensor, i: int, j: int) -> Tensor:
+                return self.network(to_unit_interval(x), labels)[:, :, i : i + 1, j : j + 1]
         for i in range(size):
             for j in range(size):
                 if not self._masked:
-                    params = self.network(to_unit_interval(x), labels)[:, :, i : i + 1, j : j + 1]
+                    params = outputs_at(x, i, j)
                     params = temper_mixture_params(params.float(), k, channels, temperature)
                     x[:, :, i : i + 1, j : j + 1] = sample_discretized_mix_logistic(params, k, channels, generator)
                     continue
                 for c in range(channels):
-                    out = self.network(to_unit_interval(x), labels)[:, :, i : i + 1, j : j + 1]
+                    out = outputs_at(x, i, j)
                     params = self._subpixel_outputs(out, c).float()
                     if self.config.output == "softmax":
                         uniform = torch.rand((n, 256, 1, 1), generator=generator).clamp_(1e-6, 1 - 1e-6)

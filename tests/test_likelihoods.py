@@ -12,6 +12,7 @@ from pipeline.models.likelihoods import (
     _component_log_probs,
     _log_prob_scaled,
     discretized_mix_logistic_log_prob,
+    mixture_mean,
     mixture_param_channels,
     sample_discretized_mix_logistic,
     temper_mixture_params,
@@ -227,3 +228,34 @@ def test_temperature_sharpens():
     torch.testing.assert_close(cold[:, 2 * k :], params[:, 2 * k :] + math.log(0.5))
     with pytest.raises(ValueError):
         temper_mixture_params(params, k, 1, 0.0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_mixture_mean_is_the_mean_of_the_draws(channels):
+    """mixture_mean (the VAE's ``mean`` sampling option) against the average of 20k draws, with
+    means and scales that keep the draws off the clipped ends: within a level and a half."""
+    k, n = 3, 20000
+    params = random_params(1, k, channels, 2, 2, seed=11)
+    params[:, k : k + channels * k] *= 0.4
+    params[:, k + channels * k : k + 2 * channels * k] = -3.0
+    if channels == 3:
+        params[:, k + 6 * k :] *= 0.5  # modest coupling keeps G and B inside [-1, 1] too
+    mean = mixture_mean(params, k, channels)
+    assert mean.dtype == torch.uint8 and mean.shape == (1, channels, 2, 2)
+    draws = sample_discretized_mix_logistic(params.expand(n, -1, -1, -1), k, channels,
+                                            torch.Generator().manual_seed(0))
+    assert (draws.float().mean(0) - mean[0].float()).abs().max() < 1.5
+
+
+def test_mixture_mean_of_one_component_is_its_centre():
+    """One component: the mean is μ itself (coupled for G and B), rounded to its level."""
+    centre = lambda level: level / 127.5 - 1  # noqa: E731
+    params = torch.zeros(1, 10, 1, 1)
+    alpha, beta, gamma = 0.5, -0.3, 0.8
+    r, g, b = 200, 40, 150
+    params[0, 1], params[0, 2], params[0, 3] = (centre(r), centre(g) - alpha * centre(r),
+                                                centre(b) - beta * centre(r) - gamma * centre(g))
+    params[0, 7], params[0, 8], params[0, 9] = math.atanh(alpha), math.atanh(beta), math.atanh(gamma)
+    assert mixture_mean(params, 1, 3).flatten().tolist() == [r, g, b]
+    params[0, 1] = 3.0  # beyond the top level: clipped to 255
+    assert mixture_mean(params[:, [0, 1, 4]], 1, 1).item() == 255

@@ -14,6 +14,7 @@ from pipeline.errors import UserError
     ("configs/tiny/ddpm.yaml", "sample.options.steps=0", "steps: must be greater than 0"),
     ("configs/tiny/flow.yaml", "sample.options.temperature=-1", "temperature: must be greater than 0"),
     ("configs/tiny/vae.yaml", "sample.options.steps=10", "unknown sampling option 'steps' for the vae family"),
+    ("configs/tiny/vae.yaml", "sample.options.mean=maybe", "mean: Input should be a valid boolean"),
     ("configs/tiny/pixelcnn.yaml", "sample.options.temperature=hot", "temperature"),
 ])
 def test_a_bad_sampling_option_fails_when_the_config_loads(config, override, message):
@@ -25,6 +26,11 @@ def test_a_bad_sampling_option_fails_when_the_config_loads(config, override, mes
 def test_good_options_load_with_their_types():
     config = config_module.load("configs/tiny/ddpm.yaml", ["sample.options.sampler=ddpm", "sample.options.steps=20"])
     assert models.check_sample_options("diffusion", dict(config.sample.options)) == {"sampler": "ddpm", "steps": 20}
+
+
+def test_the_vae_mean_option_loads_as_a_boolean():
+    config = config_module.load("configs/tiny/vae.yaml", ["sample.options.mean=false"])
+    assert models.check_sample_options("vae", dict(config.sample.options)) == {"mean": False}
 
 
 @pytest.mark.parametrize("family", list(models.FAMILIES))

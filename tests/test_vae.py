@@ -125,6 +125,23 @@ def test_training_reduces_bits_per_dim_and_sampling():
     assert model.sample(2, torch.Generator().manual_seed(7), temperature=0.5).shape == (2, 3, 8, 8)
 
 
+def test_mean_option_decodes_the_same_latents_without_pixel_noise():
+    """sample(mean=True): the same z as a draw from the same seed (the latents come first), then
+    the decoder's mixture mean instead of a draw from it."""
+    from pipeline.models.likelihoods import mixture_mean
+
+    model = _model().eval()
+    with torch.no_grad():
+        mean = model.sample(4, torch.Generator().manual_seed(3), mean=True)
+        z = torch.randn((4, *model.latent_shape), generator=torch.Generator().manual_seed(3))
+        expected = mixture_mean(model.decoder(z), model.config.num_mixtures, 3)
+        drawn = model.sample(4, torch.Generator().manual_seed(3))
+        other = model.sample(4, torch.Generator().manual_seed(4), mean=True)
+    assert mean.dtype == torch.uint8 and mean.shape == (4, 3, 8, 8)
+    assert torch.equal(mean, expected)
+    assert not torch.equal(mean, drawn) and not torch.equal(mean, other)
+
+
 def test_autocast_bfloat16():
     model = _model().train()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -154,6 +154,23 @@ def temper_mixture_params(params: Tensor, num_mixtures: int, channels: int, temp
     return params
 
 
+def mixture_mean(params: Tensor, num_mixtures: int, channels: int) -> Tensor:
+    """uint8 [B, C, H, W]: each pixel's mean under the continuous mixture (before discretisation),
+    E[x_c] = Σ_k π_k E[x_c | k], with E[x_c | k] = μ_c,k coupled to the earlier channels' means
+    within component k (paper eq. 3); clipped to [-1, 1] and rounded to the nearest level. No
+    noise: the image a decoder "means", not a draw from p(x|z)."""
+    with torch.autocast(device_type=params.device.type, enabled=False):
+        logits, means, _, coeffs = _split_params(params.float(), num_mixtures, channels)
+        weights = torch.softmax(logits, dim=1)  # [B,K,H,W]
+        levels, previous = [], []
+        for c in range(channels):
+            component_mean = _coupled_mean(means, coeffs, previous, c)  # [B,K,H,W]
+            previous.append(component_mean)
+            value = (weights * component_mean).sum(dim=1, keepdim=True)
+            levels.append(torch.round((value.clamp(-1.0, 1.0) + 1.0) * 127.5))
+        return torch.cat(levels, dim=1).to(torch.uint8)
+
+
 def _uniform(shape, generator: torch.Generator, device: torch.device) -> Tensor:
     noise = torch.rand(shape, generator=generator, dtype=torch.float32)
     return noise.clamp_(_UNIFORM_EPS, 1.0 - _UNIFORM_EPS).to(device)

@@ -43,6 +43,7 @@ from pipeline.errors import UserError
 from pipeline.models.base import GenerativeModel, to_unit_interval
 from pipeline.models.likelihoods import (
     discretized_mix_logistic_log_prob,
+    mixture_mean,
     mixture_param_channels,
     sample_discretized_mix_logistic,
 )
@@ -314,12 +315,14 @@ class VAEModel(GenerativeModel):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, labels: torch.Tensor | None = None,
-               temperature: float = 1.0, **options) -> torch.Tensor:
+               temperature: float = 1.0, mean: bool = False, **options) -> torch.Tensor:
         """z ~ N(0, T²I) (conditional: N(μ_y, T²σ_y²) for the given classes) -> decoder -> a draw
-        from the pixel mixture; noise from `generator`."""
+        from the pixel mixture, or with ``mean`` the mixture's mean image (`mixture_mean`: no
+        per-pixel noise, as VAE samples are usually shown); noise from `generator`."""
         if options:
             raise UserError(
-                f"sampling options {sorted(options)} are not understood by the vae family (temperature only)"
+                f"sampling options {sorted(options)} are not understood by the vae family "
+                f"(temperature and mean only)"
             )
         device = self.decoder.network[0].weight.device
         labels = self._labels(labels, n, device)
@@ -329,4 +332,6 @@ class VAEModel(GenerativeModel):
             prior_mean, prior_logvar = self.prior_params(labels)
             z = prior_mean + torch.exp(0.5 * prior_logvar) * z
         params = self.decoder(z.to(device=device, dtype=self._dtype()), labels)
+        if mean:
+            return mixture_mean(params, self.config.num_mixtures, self.channels)
         return sample_discretized_mix_logistic(params, self.config.num_mixtures, self.channels, generator)

@@ -591,11 +591,28 @@ def junk_images(held_out: torch.Tensor, count: int = 400, seed: int = 123) -> di
     return {"noise": noise, "scrambled digits": scrambled, "blurred blobs": blurred_blobs}
 
 
+def _grid_images(path: str, image_size: int, count: int | None) -> torch.Tensor:
+    """The images of a sample grid PNG (`pipeline.images.tiles`); UserError naming the file."""
+    from PIL import Image
+
+    from pipeline import images
+
+    try:
+        with Image.open(path) as picture:
+            canvas = np.asarray(picture.convert("L" if picture.mode in ("L", "P", "1") else "RGB"))
+        return images.tiles(canvas, image_size, count)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the grid ({exc})") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}; give the grid's --image-size (and --count)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.digits_quality DIGITS_DIR``: one JSON line each for the held-out
     digits and for the kinds of `junk_images`, scored by the classifier of DIGITS_DIR/train
     (trained and stored there if absent) against DIGITS_DIR/test, then the FD floor at several
-    image counts."""
+    image counts. With ``--grid PNG --image-size S``: one JSON line scoring the images of a
+    sample grid (``launch sample --out``) instead."""
     import argparse
     import sys
 
@@ -604,7 +621,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.digits_quality", description=main.__doc__)
     parser.add_argument("digits_dir", help="output directory of `data-prep digits` (with train/ and test/)")
+    parser.add_argument("--grid", metavar="PNG", help="score the images of this sample grid (launch sample --out)")
+    parser.add_argument("--image-size", type=int, metavar="S", help="side of the grid's images (with --grid)")
+    parser.add_argument("--count", type=int, metavar="N", help="images in the grid (default: every tile)")
     args = parser.parse_args(argv)
+    if args.grid is not None and args.image_size is None:
+        parser.error("--grid needs --image-size (the side of the grid's images)")
     try:
         test = resolve_shards(os.path.join(args.digits_dir, "test"), "DIGITS_DIR/test")
         if test.manifest is None:
@@ -613,9 +635,14 @@ def main(argv: list[str] | None = None) -> int:
         measure = build(os.path.join(args.digits_dir, "train"), os.path.join(args.digits_dir, "test"),
                         image_size=size, channels=channels, train_key="DIGITS_DIR/train", test_key="DIGITS_DIR/test")
         held_out, _ = read_labelled(test, "DIGITS_DIR/test", size, channels)
+        if args.grid is not None:
+            grid = _grid_images(args.grid, args.image_size, args.count)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return UserError.exit_code
+    if args.grid is not None:
+        print(json.dumps({"images": args.grid, **measure.score_images(grid)}), flush=True)
+        return 0
     sets = {"held-out digits": held_out, **junk_images(held_out)}
     for name, images in sets.items():
         report = measure.score_images(images)

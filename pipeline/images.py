@@ -63,3 +63,22 @@ def png_bytes(images: torch.Tensor, columns: int | None = None) -> bytes:
 def save_png(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> Path:
     """Write a grid PNG atomically (temporary name, then rename)."""
     return atomic_write(path, png_bytes(images, columns))
+
+
+def tiles(canvas: np.ndarray, image_size: int, count: int | None = None, padding: int = 2) -> torch.Tensor:
+    """The images of a `grid` canvas ([H', W'] or [H', W', C]) back as uint8 [N, C, S, S], row by
+    row: every tile, or the first ``count``. ValueError when the canvas is not a grid of S×S images."""
+    canvas = canvas[..., None] if canvas.ndim == 2 else canvas
+    height, width, _ = canvas.shape
+    step = image_size + padding
+    if image_size < 1 or (height - padding) % step or (width - padding) % step or height <= padding:
+        raise ValueError(f"a {width}x{height} image is not a grid of {image_size}x{image_size} images "
+                         f"with {padding}-pixel padding")
+    rows, columns = (height - padding) // step, (width - padding) // step
+    count = rows * columns if count is None else count
+    if not 1 <= count <= rows * columns:
+        raise ValueError(f"the grid holds {rows * columns} images ({rows} rows of {columns}), not {count}")
+    images = [canvas[padding + row * step : padding + row * step + image_size,
+                     padding + column * step : padding + column * step + image_size]
+              for row, column in (divmod(index, columns) for index in range(count))]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

@@ -112,6 +112,27 @@ def test_any_resolution_and_channel_count_reads_as_the_stored_digits(measure, he
     assert measure.score_images(eight)["digits_is"] > 8.5
 
 
+def test_a_sample_grid_png_scores_as_its_images(digits_dir, held_out, measure, tmp_path, capsys):
+    """``python -m pipeline.digits_quality DIR --grid PNG --image-size S``: the grid's tiles
+    (`pipeline.images.tiles`, the inverse of `images.grid`) scored as the images themselves."""
+    from pipeline import images
+
+    sixteen = F.adaptive_avg_pool2d(held_out[:30].float(), 16).round().to(torch.uint8)
+    path = images.save_png(sixteen, tmp_path / "grid.png")  # 6 columns, 5 rows
+    assert torch.equal(images.tiles(images.grid(sixteen), 16), sixteen)
+    assert dq.main([str(digits_dir), "--grid", str(path), "--image-size", "16"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    expected = measure.score_images(sixteen)
+    assert scored["images"] == str(path) and scored["digits_images"] == 30
+    assert scored["digits_is"] == pytest.approx(expected["digits_is"])
+    assert scored["digits_class_histogram"] == expected["digits_class_histogram"]
+    assert dq.main([str(digits_dir), "--grid", str(path), "--image-size", "16", "--count", "25"]) == 0
+    assert json.loads(capsys.readouterr().out)["digits_images"] == 25
+    assert dq.main([str(digits_dir), "--grid", str(path), "--image-size", "15"]) == UserError.exit_code
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "grid.png" in error and "not a grid of 15x15 images" in error
+
+
 def test_class_scores_by_hand():
     one_hot = np.log(np.clip(np.eye(10)[np.arange(100) % 10], 1e-30, None))
     scores = dq.class_scores(one_hot)

@@ -517,7 +517,6 @@ def save_cached_stats(path: Path | None, key: str, stats: FeatureStats) -> None:
         atomic_write(path, buffer.getvalue())
     except OSError as exc:  # a read-only data set: compute again next time
         log.warning("could not cache FID reference statistics at %s (%s)", path, exc)
-        temporary.unlink(missing_ok=True)
 
 
 def reference_stats(extractor: FeatureExtractor, shards, *, image_size: int, channels: int, batch_size: int,

@@ -215,3 +215,12 @@ def test_remote_reference_shards_are_not_cached_as_local_paths():
 
     for url in ("s3://bucket/eval/shard-000000.tar", "https://example.org/eval/shard-000000.tar"):
         assert fid.stats_cache_path(ShardSet(urls=(url,)), "random_conv-0") is None
+
+
+def test_reference_statistics_that_cannot_be_cached_are_only_a_warning(tmp_path, caplog):
+    # A read-only data set (here: the cache's directory is a file) costs a recomputation next
+    # time, never the evaluation.
+    (tmp_path / "not_a_directory").write_text("")
+    stats = fid.FeatureStats(np.zeros(2), np.eye(2), np.zeros((1, 2)), 1)
+    fid.save_cached_stats(tmp_path / "not_a_directory" / "stats.npz", "key", stats)
+    assert "could not cache FID reference statistics" in caplog.text

@@ -47,6 +47,9 @@ class HeldOutBitsPerDim:
     options: dict[str, Any] = field(default_factory=dict)
     """The options bits_per_dim was called with, resolved for this pass (e.g. diffusion's
     {"estimator": "mc-importance", "timesteps_per_image": 16}); JSON-serialisable."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Means over images of the family's other held-out measures (``model.held_out_metrics``,
+    named by ``model.held_out_metric_names``: the autoencoder's reconstruction psnr and kl)."""
 
 
 def pass_images(shards: ShardSet, *, rank: int | None = None, world_size: int = 1,
@@ -114,6 +117,10 @@ def held_out_evaluation(
     was_training = model.training
     model.eval()
     total = torch.zeros(3, dtype=torch.float64, device=device)  # [sum, sum of squares, images]
+    # Named on the class, not read off the first batch, so a process with no batch all-reduces
+    # the same vector as the others.
+    metric_names = tuple(getattr(model, "held_out_metric_names", ()))
+    metric_sums = torch.zeros(len(metric_names), dtype=torch.float64, device=device)
     try:
         for batch in loader:
             images, labels = (batch, None) if isinstance(batch, torch.Tensor) else (batch.images, batch.labels)
@@ -126,6 +133,9 @@ def held_out_evaluation(
             total[0] += bits.sum()
             total[1] += bits.square().sum()
             total[2] += bits.numel()
+            if metric_names:
+                measured = model.held_out_metrics(images.to(device), labels=None if labels is None else labels.to(device))
+                metric_sums += torch.stack([measured[name].double().sum() for name in metric_names])
             if reported is not None:
                 reported.finish()
     finally:
@@ -134,13 +144,17 @@ def held_out_evaluation(
         if dist.get_backend() == "gloo" and total.device.type != "cpu":
             total = total.cpu()
         dist.all_reduce(total)
+        if metric_names:
+            metric_sums = metric_sums.to(total.device)
+            dist.all_reduce(metric_sums)
     bits_sum, squares_sum, count = total.tolist()
     mean = bits_sum / max(count, 1)
     stderr = None
     if count >= 2:
         variance = max(squares_sum - count * mean * mean, 0.0) / (count - 1)
         stderr = math.sqrt(variance / count)
-    return HeldOutBitsPerDim(mean, stderr, int(count), dict(estimator.options))
+    metrics = {name: value / max(count, 1) for name, value in zip(metric_names, metric_sums.tolist())}
+    return HeldOutBitsPerDim(mean, stderr, int(count), dict(estimator.options), metrics)
 
 
 class _BatchProgress:

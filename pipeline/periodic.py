@@ -28,7 +28,7 @@ from pipeline.errors import UserError
 log = logging.getLogger("pipeline.trainer")
 
 SUMMARY_KEYS = ("step", "loss", "grad_norm", "images_per_s", "mfu", "eval/bits_per_dim", "eval/fid", "eval/kid",
-                "eval/digits_fd", "eval/digits_is")
+                "eval/digits_fd", "eval/digits_is", "eval/psnr", "eval/kl")
 
 
 class MetricsSink:
@@ -185,6 +185,7 @@ class HeldOutEval:
         record = {"eval/bits_per_dim": result.bits_per_dim, "eval/images": result.images}
         if result.stderr is not None:
             record["eval/bits_per_dim_stderr"] = result.stderr
+        record.update({f"eval/{name}": value for name, value in result.metrics.items()})
         return record
 
 

@@ -66,3 +66,26 @@ def test_bits_per_dim_and_held_out_metrics():
     mse = (reconstruction - batch.float()).square().flatten(1).mean(1) / 255.0**2
     assert torch.allclose(metrics["psnr"], 10 * torch.log10(1 / mse), atol=1e-4)
     assert psnr_from_mse(torch.tensor([0.01])).item() == pytest.approx(20.0)
+
+
+def test_held_out_pass_reports_psnr_and_kl(tmp_path):
+    """pipeline.evaluate adds the family's held-out measures (eval/psnr, eval/kl) to the pass."""
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.writer import Sample, encode_image, write_split
+    from pipeline.data import resolve_shards
+    from pipeline.evaluate import held_out_evaluation
+
+    generator = np.random.default_rng(0)
+    images = [generator.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(6)]
+    write_split((Sample(encode_image(Image.fromarray(image, "L"), "png"), f"test/{i}") for i, image in enumerate(images)),
+                tmp_path, split="test", image_size=16, channels=1, encoding="png", samples_per_shard=4, source="test")
+    model = _model()
+    result = held_out_evaluation(model, resolve_shards(str(tmp_path), "data.eval_shards"), image_size=16,
+                                 channels=1, batch_size=4)
+    assert result.images == 6 and set(result.metrics) == {"psnr", "kl"}
+    batch = torch.from_numpy(np.stack(images))[:, None]
+    expected = model.held_out_metrics(batch)
+    assert result.metrics["psnr"] == pytest.approx(expected["psnr"].mean().item(), rel=1e-5)
+    assert result.metrics["kl"] == pytest.approx(expected["kl"].mean().item(), rel=1e-5)

@@ -152,6 +152,8 @@ class AutoencoderModel(GenerativeModel):
     """KL-regularised autoencoder (module docstring); the latent-diffusion first stage."""
 
     bits_per_dim_kind = "upper_bound"
+    held_out_metric_names = ("psnr", "kl")
+    """What `held_out_metrics` returns; `pipeline.evaluate` logs them as eval/psnr and eval/kl."""
 
     def __init__(self, config: AutoencoderConfig, image_size: int, channels: int):
         super().__init__()

@@ -248,6 +248,17 @@ def test_digits_is_deterministic(digits_out, tmp_path):
             (0, 0, 0, "", "", 0o644)
 
 
+def test_digits_again_into_the_same_directory_is_already_prepared(digits_copy, capsys):
+    # The README shows `data-prep digits data/digits` after the quickstart made them: the same
+    # shards are reported as prepared (nothing rewritten); other options are refused as before.
+    before = shas(digits_copy)
+    assert main(["digits", str(digits_copy)]) == 0
+    assert "train: already prepared, the same shards" in capsys.readouterr().out
+    assert shas(digits_copy) == before and sorted(p.name for p in digits_copy.iterdir()) == ["test", "train"]
+    assert main(["digits", str(digits_copy), "--seed", "1"]) == 2
+    assert "with other digits than these options make" in capsys.readouterr().err and shas(digits_copy) == before
+
+
 def test_digits_no_test_split(tmp_path):
     out = tmp_path / "out"
     assert main(["digits", str(out), "--size", "8", "--test-fraction", "0",

@@ -16,7 +16,10 @@ holdout), each split with its ``manifest.json``. `main` returns the exit status:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
+import json
 import multiprocessing
 import os
 import sys
@@ -153,6 +156,8 @@ def _report(manifest, directory: Path) -> None:
 
 def run_digits(args: argparse.Namespace) -> int:
     splits = ["train"] + (["test"] if args.test_fraction > 0 else [])
+    if not args.overwrite and all((Path(args.out) / split / "manifest.json").is_file() for split in splits):
+        return _digits_again(args, splits)
     output = StagedOutput(args.out, splits, args.overwrite)
     try:
         samples = sources.digits_splits(args.size, args.test_fraction, args.seed)
@@ -175,6 +180,31 @@ def run_digits(args: argparse.Namespace) -> int:
         _report(manifests[split], finals[split])
     print(f"sample-quality classifier -> {finals['train'] / classifier}")
     return 0
+
+
+def _digits_again(args: argparse.Namespace, splits: list[str]) -> int:
+    """``data-prep digits OUT`` where OUT already holds digits: the embedded data are deterministic,
+    so they are made again aside and compared shard by shard; the same shards are "already
+    prepared" (exit 0, nothing touched), different ones are refused as any existing output is."""
+    import tempfile
+
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix=".digits-check-", dir=out) as scratch:
+        fresh = argparse.Namespace(**{**vars(args), "out": scratch, "overwrite": True})
+        with contextlib.redirect_stdout(io.StringIO()):
+            run_digits(fresh)
+        same = all(_shard_hashes(out / split) == _shard_hashes(Path(scratch) / split) for split in splits)
+    if not same:
+        raise UserError(f"{out / splits[0]}: output split already exists and is not empty, with other digits "
+                        f"than these options make (pass --overwrite to replace it)")
+    for split in splits:
+        print(f"{split}: already prepared, the same shards -> {out / split}")
+    return 0
+
+
+def _shard_hashes(directory: Path) -> list[tuple[str, str]]:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return [(shard["name"], shard["sha256"]) for shard in manifest["shards"]]
 
 
 def run_images(args: argparse.Namespace) -> int:

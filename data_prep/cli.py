@@ -7,6 +7,9 @@
     data-prep reshard SRC OUT WebDataset shards of any origin (img2dataset's, ours; a directory,
                               pattern or URL) re-encoded at one size, keys and metadata kept
     data-prep verify OUT      check shards against their manifests
+    data-prep latents AE_RUN SHARDS OUT
+                              image shards encoded by an autoencoder run into latent shards
+                              (data_prep/latents.py, docs/latent.md)
 
 Output: ``OUT/train/shard-000000.tar ...`` and ``OUT/test/...`` (only with a test fraction or a
 holdout), each split with its ``manifest.json``. `main` returns the exit status: 0 success,
@@ -26,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from data_prep import sources
+from data_prep import latents, sources
 from data_prep.writer import Sample, ShardWriter, StagedOutput, finish_split, write_split
 from pipeline import cliargs
 from pipeline.errors import UserError
@@ -130,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("out", metavar="OUT", help="output directory, or one split directory")
     verify.add_argument("--no-decode", action="store_true",
                         help="skip decoding every image (files, sizes, hashes, counts only)")
+    latents.add_parser(commands)
     return parser
 
 
@@ -142,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_images(args)
         if args.command == "reshard":
             return run_reshard(args)
+        if args.command == "latents":
+            return latents.run(args)
         return run_verify(args)
     except UserError as exc:
         print(f"data-prep: error: {exc}", file=sys.stderr)

@@ -155,6 +155,7 @@ def evaluate_run(args) -> dict | None:
 
     from launch.weights import load_model
     from pipeline.data import check_shards_match, resolve_shards
+    from pipeline.latents import image_view
 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -192,10 +193,12 @@ def evaluate_run(args) -> dict | None:
         )
 
     extractor = _fid_extractor(args, config, device) if args.fid is not None else None  # fails early
+    # Decoded samples are compared with images: a latent run's are those its latents came from.
+    images = image_view(data, spec, key)
     if args.sample_quality is not None:  # unlabelled splits fail early too
         from pipeline import digits_quality
 
-        digits_quality.check_splits(data.shards, shards, key)
+        digits_quality.check_splits(images.train_spec, resolve_shards(images.test_spec, key), key)
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.manual_seed(_process_seed(args.seed, rank))
@@ -204,10 +207,12 @@ def evaluate_run(args) -> dict | None:
                                       autocast_dtype, options)
     quality = None
     if args.fid is not None:
-        quality = _fid_and_kid(args, extractor, model, config, shards, device, rank, world_size, autocast_dtype)
+        quality = _fid_and_kid(args, extractor, model, config, resolve_shards(images.test_spec, key), device,
+                               rank, world_size, autocast_dtype, images)
     digits = None
     if args.sample_quality is not None:
-        digits = _digits_quality(args, model, config, spec, key, device, rank, world_size, autocast_dtype)
+        digits = _digits_quality(args, model, config, images.test_spec, key, device, rank, world_size, autocast_dtype,
+                                 images)
     if rank != 0:
         return None
     result = {
@@ -260,7 +265,7 @@ def _bits_per_dim_report(args, model, config, shards, device, rank: int, world_s
         if bar is not None:
             bar.close()
     return {"bits_per_dim": result.bits_per_dim, "bits_per_dim_stderr": result.stderr,
-            "kind": model.bits_per_dim_kind, **result.options, "images": result.images}
+            "kind": model.bits_per_dim_kind, **result.options, **result.metrics, "images": result.images}
 
 
 def _advance(bar, images: float) -> None:
@@ -288,7 +293,7 @@ def _fid_extractor(args, config, device):
 
 
 def _fid_and_kid(args, extractor, model, config, shards, device, rank: int, world_size: int,
-                 autocast_dtype) -> dict | None:
+                 autocast_dtype, images) -> dict | None:
     """FID/KID of ``args.fid`` samples against ``shards``; every process calls it, rank 0 gets it."""
     import torch
 
@@ -300,8 +305,8 @@ def _fid_and_kid(args, extractor, model, config, shards, device, rank: int, worl
         return torch.autocast(device.type, dtype=autocast_dtype)
 
     result = fid.fid_and_kid(
-        model, extractor, shards, num_images=args.fid, image_size=config.data.image_size,
-        channels=config.data.channels, batch_size=args.batch_size or config.eval.batch_size or config.data.batch_size,
+        model, extractor, shards, num_images=args.fid, image_size=images.image_size,
+        channels=images.channels, batch_size=args.batch_size or config.eval.batch_size or config.data.batch_size,
         rank=rank, world_size=world_size, reference_images=evaluation.fid_reference_images, seed=args.seed,
         kid_subsets=evaluation.kid_subsets, kid_subset_size=evaluation.kid_subset_size,
         autocast=autocast if autocast_dtype is not None else None, **config.sample.options,
@@ -314,7 +319,7 @@ def _fid_and_kid(args, extractor, model, config, shards, device, rank: int, worl
 
 
 def _digits_quality(args, model, config, spec, key: str, device, rank: int, world_size: int,
-                    autocast_dtype) -> dict | None:
+                    autocast_dtype, images) -> dict | None:
     """The digits measures of ``args.sample_quality`` samples against the held-out ``spec``;
     every process calls it, rank 0 gets it (`pipeline.digits_quality`)."""
     import torch
@@ -325,7 +330,7 @@ def _digits_quality(args, model, config, spec, key: str, device, rank: int, worl
         return torch.autocast(device.type, dtype=autocast_dtype)
 
     data = config.data
-    measure = digits_quality.build(data.shards, spec, image_size=data.image_size, channels=data.channels,
+    measure = digits_quality.build(images.train_spec, spec, image_size=images.image_size, channels=images.channels,
                                    device=device, rank=rank, world_size=world_size, test_key=key)
     return digits_quality.sample_quality(
         model, measure, num_images=args.sample_quality,

@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import faults
 from pipeline.decode import IMAGE_MEMBERS, decode_square
 from pipeline.errors import UserError
+from pipeline.latents import decode_latent
 # Shard lists and shard reading live in their own modules; their names stay importable from here.
 from pipeline.shard_io import FetchPolicy, iter_raw_samples, opened_shards
 from pipeline.shards import ShardSet, check_shards_match, resolve_shards
@@ -135,6 +136,11 @@ def sample_field(sample: dict[str, bytes], field: str, key: str, url: str):
     return data
 
 
+def is_latent(shards: ShardSet) -> bool:
+    """Whether the shards are latent shards (their manifest's kind), read without decoding."""
+    return shards.manifest is not None and shards.manifest.kind == "latents"
+
+
 # ---------------------------------------------------------------------------------------------
 # Canonical partitions: endless, deterministic streams
 
@@ -179,6 +185,7 @@ class StreamSpec:
     labels: bool = False  # deliver each sample's .cls label (an error where one is missing)
     fields: tuple[str, ...] = ()  # other members to deliver per sample ("txt", "json", ...)
     fetch: FetchPolicy = FetchPolicy()
+    latents: bool = False  # latent shards (pipeline/latents.py): fp16 arrays as stored, no decoding
 
 
 class PartitionStream:
@@ -360,9 +367,12 @@ def reader_pieces(spec: StreamSpec, layout: Layout, reader: int,
             slot = own % count
             epoch, delivered, key, url, sample = next(streams[slot])
             at[partitions[slot]] = (epoch, delivered)
-            offset, flip = augment(spec, epoch, url, key)
-            image = decode_image(sample, key, url, spec.image_size, spec.channels, offset)
-            images.append(image[:, :, ::-1] if flip else image)
+            if spec.latents:
+                images.append(decode_latent(sample, key, url))
+            else:
+                offset, flip = augment(spec, epoch, url, key)
+                image = decode_image(sample, key, url, spec.image_size, spec.channels, offset)
+                images.append(image[:, :, ::-1] if flip else image)
             keys.append(key)
             sources.append(url.rstrip("/").rsplit("/", 1)[-1])
             if spec.labels:
@@ -547,6 +557,11 @@ class TrainingBatches:
     ):
         if crop not in CROPS:
             raise UserError(f"data.crop: {crop!r} is not one of {', '.join(CROPS)}")
+        latents = is_latent(shards)
+        if latents and (random_flip or crop != "center"):
+            raise UserError("data.random_flip / data.crop: latent shards are read as stored (a flipped or "
+                            "cropped latent is not the latent of the flipped image); set "
+                            "data.random_flip=false and data.crop=center")
         saved = _Saved.parse(state) if state is not None else None
         self.layout = plan_layout(len(shards.urls), world_size, rank, num_workers, batch_size,
                                   configured=canonical_partitions, saved=saved.partitions if saved else None)
@@ -564,6 +579,7 @@ class TrainingBatches:
             labels=labels,
             fields=tuple(name.lower().lstrip(".") for name in fields),
             fetch=fetch or FetchPolicy(),
+            latents=latents,
         )
         self.positions, self.consumed = self._resume_point(saved)
         readers = self.layout.readers
@@ -771,7 +787,9 @@ class EvalShards(IterableDataset):
     """One pass over this process's share of the held-out shards, in order, unshuffled."""
 
     def __init__(self, urls: list[str], image_size: int, channels: int, batch_size: int,
-                 limit: int | None, labels: bool = False, fetch: FetchPolicy | None = None):
+                 limit: int | None, labels: bool = False, fetch: FetchPolicy | None = None,
+                 latents: bool = False):
+        self.latents = latents
         self.urls = urls
         self.image_size = image_size
         self.channels = channels
@@ -794,7 +812,8 @@ class EvalShards(IterableDataset):
         try:
             for url, downloaded in shards:
                 for key, sample in iter_raw_samples(url, downloaded):
-                    images.append(decode_image(sample, key, url, self.image_size, self.channels))
+                    images.append(decode_latent(sample, key, url) if self.latents
+                                  else decode_image(sample, key, url, self.image_size, self.channels))
                     if self.labels:
                         labels.append(sample_label(sample, key, url))
                     count += 1
@@ -833,7 +852,8 @@ def eval_batches(
     """A finite loader over this process's share of held-out shards (shards split by rank).
 
     It yields uint8 [B, C, H, W] tensors (images centre-cropped to `image_size` where stored at
-    another size), or `Batch` objects with their labels when ``labels`` is true.
+    another size; latent shards: their fp16 arrays), or `Batch` objects with their labels when
+    ``labels`` is true.
     """
     urls = list(shards.urls[rank::world_size])
     limit = None
@@ -841,7 +861,7 @@ def eval_batches(
         limit = max_images // world_size + (rank < max_images % world_size)
     workers = min(num_workers, len(urls))
     return DataLoader(
-        EvalShards(urls, image_size, channels, batch_size, limit, labels, fetch),
+        EvalShards(urls, image_size, channels, batch_size, limit, labels, fetch, is_latent(shards)),
         batch_size=None,
         num_workers=workers,
         multiprocessing_context="fork" if workers and os.name == "posix" else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ FORMAT = "genpipe-shards/1"
 ENCODINGS = ("png", "jpg", "webp")
 CHANNELS = (1, 3)
 KEYS = ("index", "source")
+KINDS = ("images", "latents")
+LATENT_ENCODING = "npy"  # a latent split's samples: fp16 arrays in "<key>.latent.npy" (pipeline/latents.py)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class Manifest:
     class_names: tuple[str, ...] = ()  # name of each class 0..num_classes-1 where known (folder names)
     class_counts: tuple[int, ...] = ()  # samples of each class in this split, beside class_names
     keys: str = "index"  # "index": keys are the samples' %09d indices; "source": kept from the source shards
+    kind: str = "images"  # "latents": an autoencoder's latents (`data-prep latents`); image_size and
+    # channels are then the latent grid's, encoding "npy", and ``latents`` says what made them
+    latents: dict = field(default_factory=dict)  # pipeline/latents.py LatentInfo as JSON (kind "latents")
     format: str = FORMAT
 
     def shard_paths(self, directory: str | os.PathLike) -> list[str]:
@@ -61,6 +66,8 @@ class Manifest:
         data = asdict(self)
         data["shards"] = [asdict(shard) for shard in self.shards]
         data["skipped"] = [dict(item) for item in self.skipped]
+        if self.kind == "images":
+            del data["kind"], data["latents"]  # as before latent splits existed
         if self.keys == "index":
             del data["keys"]  # the default: manifests stay readable by versions without the field
         for name in ("class_names", "class_counts"):
@@ -188,12 +195,21 @@ def _manifest_from_dict(data: Any, path: Path) -> Manifest:
     image_size = _get(data, "image_size", int, path)
     if image_size < 1:
         raise _fail(path, "image_size", "positive", image_size)
+    kind = data.get("kind", "images")
+    if kind not in KINDS:
+        raise _fail(path, "kind", " or ".join(repr(k) for k in KINDS), kind)
+    latents = data.get("latents", {})
+    if not isinstance(latents, dict) or (kind == "latents") != bool(latents):
+        raise _fail(path, "latents", "an object exactly when kind is 'latents'", latents)
     channels = _get(data, "channels", int, path)
-    if channels not in CHANNELS:
+    if kind == "images" and channels not in CHANNELS:
         raise _fail(path, "channels", "1 or 3", channels)
+    if channels < 1:
+        raise _fail(path, "channels", "positive", channels)
     encoding = _get(data, "encoding", str, path)
-    if encoding not in ENCODINGS:
-        raise _fail(path, "encoding", " or ".join(ENCODINGS), encoding)
+    encodings = ENCODINGS if kind == "images" else (LATENT_ENCODING,)
+    if encoding not in encodings:
+        raise _fail(path, "encoding", " or ".join(encodings), encoding)
     num_samples = _get(data, "num_samples", int, path)
     raw_shards = _get(data, "shards", list, path)
     shards = tuple(_shard_from_dict(item, path, i) for i, item in enumerate(raw_shards))
@@ -237,5 +253,7 @@ def _manifest_from_dict(data: Any, path: Path) -> Manifest:
         class_names=tuple(class_names),
         class_counts=tuple(class_counts),
         keys=keys,
+        kind=kind,
+        latents=dict(latents),
         format=fmt,
     )

@@ -35,6 +35,7 @@ from pipeline.checkpointer import Checkpointer, seed_process
 from pipeline.config import RunConfig
 from pipeline.digits_quality import SampleQualityEval
 from pipeline.data import TrainingBatches, resolve_shards, shards_for_reader
+from pipeline.latents import check_latent_data
 from pipeline.errors import UserError
 from pipeline.faults import Faults
 from pipeline.periodic import FidEval, HeldOutEval, MetricsSink, SampleGrid, StopSignal, Throughput
@@ -78,6 +79,8 @@ class Trainer:
         # A class-conditional model (model.num_classes) reads each batch's labels beside it.
         self.conditional = model.num_classes is not None
         conditioning.check_shards(self.train_shards, data.image_size, data.channels, "data.shards", config.model)
+        # Latent shards need a latent model of the same autoencoder; a fresh start takes their scale.
+        check_latent_data(model, self.train_shards, "data.shards", set_scale=resume is None)
         self.batches = self._batches(resume.restore_randomness_and_data() if resume else None)
         # 4. Weights into the plain model: the checkpoint's, or initialised from the first batch.
         if resume is not None:
@@ -103,6 +106,7 @@ class Trainer:
             self.eval_shards = resolve_shards(data.eval_shards, "data.eval_shards")
             conditioning.check_shards(self.eval_shards, data.image_size, data.channels, "data.eval_shards",
                                       config.model)
+            check_latent_data(model, self.eval_shards, "data.eval_shards", set_scale=False)
         self.tracker = make_tracker(self.run_dir.path, config.wandb, self._tracked_config(), processes.is_main)
         self.checkpointer.attach(self.progress, strategy, self.ema, self.window, self.batches)
         processes.watch(self.progress, self.run_dir.path)  # a stalled training loop ends the job

@@ -86,9 +86,14 @@ class DiffusionConfig(StrictModel):
     """Side of the square patch each DiT token covers (DiT: 2, 4 or 8); divides image_size."""
     latent_channels: int | None = Field(None, ge=1)
     """Channels of the latents the network models instead of pixels (4: Stable Diffusion's
-    autoencoder), for latent-space configs; None: data.channels. The latent data path is not
-    part of this version: such a config validates and builds (on the meta device, say), and
-    training it stops with one line saying so."""
+    autoencoder), for latent-space configs; None: data.channels, or the autoencoder's latent
+    channels with ``autoencoder`` set (which must agree)."""
+    autoencoder: str | None = None
+    """Run directory of an autoencoder (model.family autoencoder): latent diffusion
+    (docs/latent.md). The model trains on the latent shards `data-prep latents` wrote with that
+    run (data.shards; data.image_size is the latent side), and its samples are decoded to images
+    through the autoencoder, whose frozen weights it loads from the run's newest checkpoint and
+    then keeps in its own checkpoints."""
 
     # -- conditioning --
     num_classes: int | None = Field(None, ge=1)
@@ -686,8 +691,15 @@ class DiffusionModel(GenerativeModel):
     def __init__(self, config: DiffusionConfig, image_size: int, channels: int):
         super().__init__()
         self.config = config
+        self.first_stage = None
+        if config.autoencoder is not None:
+            channels = self._attach_first_stage(config, image_size)
         channels = config.latent_channels or channels
         self.image_shape = (channels, image_size, image_size)
+        if config.autoencoder is not None or config.latent_channels is not None:
+            # 1/std of the data's latents (pipeline/latents.py): set from the latent shards'
+            # manifest when training starts, then saved with the weights.
+            self.register_buffer("latent_scale", torch.tensor(1.0))
         self.num_classes = config.num_classes
         # Classifier-free guidance's null class is one more row of the class embedding.
         self.null_label = (config.num_classes if config.num_classes is not None
@@ -707,6 +719,32 @@ class DiffusionModel(GenerativeModel):
         # multiple of 4). A buffer so the loss never copies from the host.
         self.register_buffer("quartile_fractions", self.objective.bucket_fractions.float(),
                              persistent=False)
+
+    def _attach_first_stage(self, config: DiffusionConfig, image_size: int) -> int:
+        """Load the frozen autoencoder of ``model.autoencoder``; its latent channels."""
+        from pipeline.latents import load_autoencoder
+
+        stage = load_autoencoder(config.autoencoder)
+        latent_channels, side = stage.model.latent_shape[0], stage.model.latent_shape[1]
+        if config.latent_channels is not None and config.latent_channels != latent_channels:
+            raise UserError(f"model.latent_channels={config.latent_channels}, but the autoencoder "
+                            f"{config.autoencoder} makes {latent_channels}-channel latents; drop "
+                            "model.latent_channels")
+        if side != image_size:
+            raise UserError(f"data.image_size={image_size}, but the autoencoder {config.autoencoder} "
+                            f"makes {side}×{side} latents; set data.image_size={side}")
+        self.first_stage = stage.model
+        self.first_stage_sha256 = stage.checkpoint_sha256
+        self.first_stage_checkpoint = stage.checkpoint
+        return latent_channels
+
+    def fsdp_blocks(self) -> list[nn.Module]:
+        return [block for block in super().fsdp_blocks() if self.first_stage is None
+                or not any(block is module for module in self.first_stage.modules())]
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """uint8 images of scaled latents z (the diffusion model's scale), through the autoencoder."""
+        return to_uint8(self.first_stage.decode(z / self.latent_scale).float())
 
     # -- the network, guided ------------------------------------------------------------------
 
@@ -749,12 +787,21 @@ class DiffusionModel(GenerativeModel):
     # -- training -----------------------------------------------------------------------------
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """A uint8 batch on the model's scale, [-1, 1]."""
+        """A uint8 batch on the model's scale, [-1, 1]; a float batch of latent shards' arrays
+        (moments or draws, pipeline/latents.py) as z = μ + σ·ε times the latent scale."""
+        if x.is_floating_point() and hasattr(self, "latent_scale"):
+            from pipeline.latents import draw
+
+            channels = self.image_shape[0]
+            if x.shape[1] not in (channels, 2 * channels):
+                raise UserError(f"the latent batches hold {x.shape[1]} channels; this model takes "
+                                f"{channels}-channel latents (or their {2 * channels} moments)")
+            return draw(x, channels) * self.latent_scale
         if x.shape[1] != self.image_shape[0]:
             raise UserError(f"model.latent_channels={self.config.latent_channels}: the network "
                             f"models {self.image_shape[0]}-channel latents, and the batches hold "
                             f"{x.shape[1]}-channel images; training on latents needs the latent "
-                            f"data path, which this version does not have")
+                            f"data path: shards written by `data-prep latents` (docs/latent.md)")
         return to_unit_interval(x)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor | None = None
@@ -836,7 +883,7 @@ class DiffusionModel(GenerativeModel):
             else:
                 x0 = SAMPLERS[sampler](self.eps_fn(rows, guidance), self.schedule, x_T, generator,
                                        steps=steps, eta=eta, clip_denoised=self.config.clip_denoised)
-            images.append(to_uint8(x0))
+            images.append(to_uint8(x0) if self.first_stage is None else self.decode_latents(x0))
         return torch.cat(images)
 
     # -- likelihood ---------------------------------------------------------------------------

@@ -110,30 +110,32 @@ def test_latent_shards_carry_moments_labels_and_the_autoencoder(latents):
     assert array.dtype == np.float16 and array.shape == (8, 8, 8)  # mean and log-variance
 
 
-def test_latent_diffusion_trains_and_samples_decoded_images(latents):
+@pytest.fixture(scope="module")
+def trained(latents) -> Path:
+    """The latent DiT trained without interruption (the reference of the resume test)."""
     run_dir = latents["root"] / "ldm"
-    result = run_cli("launch", "local", *_ldm(latents, run_dir))
-    _ok(result)
-    grid = Image.open(sorted((run_dir / "samples").glob("*.png"))[-1])
+    _ok(run_cli("launch", "local", *_ldm(latents, run_dir)))
+    return run_dir
+
+
+def test_latent_diffusion_trains_and_samples_decoded_images(latents, trained):
+    assert sorted((trained / "samples").glob("*.png")), "no training grid"
     out = latents["root"] / "decoded.png"
-    _ok(run_cli("launch", "sample", str(run_dir), "--n", "2", "--classes", "3,7", "--out", str(out)))
+    _ok(run_cli("launch", "sample", str(trained), "--n", "2", "--classes", "3,7", "--out", str(out)))
     from pipeline import images
 
     height, width = images.grid(torch.zeros(4, 1, 32, 32, dtype=torch.uint8), columns=2).shape[:2]
     decoded = Image.open(out)
     assert decoded.size == (width, height), decoded.size  # 32×32 images, not 8×8 latents
-    assert grid.mode in ("L", "RGB")
 
 
-def test_latent_training_resumes_exactly(latents):
-    whole, resumed = latents["root"] / "whole", latents["root"] / "resumed"
-    _ok(run_cli("launch", "local", *_ldm(latents, whole, **{"data.num_workers": 1, "sample.at_end": "false"})))
-    failed = run_cli("launch", "local", *_ldm(latents, resumed, **{"data.num_workers": 1, "sample.at_end": "false"}),
-                     env=faults.env(fail_at_step=7))
+def test_latent_training_resumes_exactly(latents, trained):
+    resumed = latents["root"] / "resumed"
+    failed = run_cli("launch", "local", *_ldm(latents, resumed), env=faults.env(fail_at_step=7))
     assert failed.returncode != 0
     assert [step for step, _ in checkpoint.list_checkpoints(resumed)] == [4]
-    _ok(run_cli("launch", "local", *_ldm(latents, resumed, **{"data.num_workers": 1, "sample.at_end": "false"})))
-    a = load_file(checkpoint.list_checkpoints(whole)[-1][1] / "model.safetensors")
+    _ok(run_cli("launch", "local", *_ldm(latents, resumed)))
+    a = load_file(checkpoint.list_checkpoints(trained)[-1][1] / "model.safetensors")
     b = load_file(checkpoint.list_checkpoints(resumed)[-1][1] / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[name], b[name]) for name in a), [n for n in a if not torch.equal(a[n], b[n])]
@@ -149,16 +151,32 @@ def test_two_process_latent_run(latents):
 
 
 def test_one_line_errors(latents, tmp_path):
-    # Latent shards with an image model, an autoencoder that did not encode them, a wrong size.
-    result = run_cli("launch", "local", *_ldm(latents, tmp_path / "a", **{"model.autoencoder": "null"}))
-    assert result.returncode != 0 and "set model.autoencoder" in result.stderr
-    other = latents["root"] / "ae_other"
-    _ok(run_cli("launch", "local", "configs/latent/tiny_autoencoder.yaml", *_args({
-        **AE, "run_dir": other, "train.max_steps": 1, "checkpoint.every_steps": 1, "eval.every_steps": 0,
-        "data.shards": latents["digits"] / "train", "data.eval_shards": latents["digits"] / "test"})))
-    result = run_cli("launch", "local", *_ldm(latents, tmp_path / "b", **{"model.autoencoder": other}))
+    import shutil
+
+    from data_prep.cli import main as data_prep_main
+    from pipeline import config as config_module, models
+    from pipeline.data import resolve_shards
+    from pipeline.errors import UserError
+    from pipeline.latents import check_latent_data
+
+    # Latents re-encoded by "another" checkpoint: the hash in their manifest differs.
+    other = tmp_path / "latents"
+    shutil.copytree(latents["latents"], other)
+    manifest = json.loads((other / "train" / "manifest.json").read_text())
+    manifest["latents"]["checkpoint_sha256"] = "0" * 64
+    (other / "train" / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("launch", "local", *_ldm(latents, tmp_path / "a", **{"data.shards": other / "train"}))
     assert result.returncode != 0 and "the latents were encoded by" in result.stderr, result.stderr[-2000:]
-    result = run_cli("launch", "local", *_ldm(latents, tmp_path / "c", **{"data.image_size": 16}))
-    assert result.returncode != 0 and "set data.image_size=8" in result.stderr, result.stderr[-2000:]
-    result = run_cli("data-prep", "latents", str(latents["digits"]), str(latents["digits"]), str(tmp_path / "d"))
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "not a run directory" in result.stderr
+    assert [line for line in result.stderr.splitlines() if "error:" in line][0].count("encode the shards again") == 1
+
+    config = config_module.load("configs/latent/tiny_ldm.yaml", _ldm(latents, tmp_path / "b")[1:])
+    shards = resolve_shards(str(latents["latents"] / "train"), "data.shards")
+    image_model = models.build(config.model.model_copy(update={"autoencoder": None}), 8, 1)
+    with pytest.raises(UserError, match="set model.autoencoder"):
+        check_latent_data(image_model, shards, "data.shards", set_scale=True)
+    with pytest.raises(UserError, match="set data.image_size=8"):
+        models.build(config.model, 16, 1)
+    with pytest.raises(UserError, match="not a run directory"):
+        models.build(config.model.model_copy(update={"autoencoder": str(latents["digits"])}), 8, 1)
+    assert data_prep_main(["latents", str(latents["digits"]), str(latents["digits"]), str(tmp_path / "d")]) == 2
+    assert data_prep_main(["latents", str(latents["ae"]), str(tmp_path), str(tmp_path / "d")]) == 2

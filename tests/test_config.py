@@ -53,7 +53,7 @@ def test_every_shipped_config_validates(path):
     config = config_module.load(path)
     assert config.run_dir
     assert config.train.max_steps > 0
-    assert config.model.family in ("diffusion", "autoregressive", "vae", "flow")
+    assert config.model.family in ("diffusion", "autoregressive", "vae", "flow", "autoencoder")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])

@@ -39,6 +39,10 @@ drawn from (seed, epoch of the sample's partition, the sample's shard file name 
 follow the sample, not the reader: a resumed run, or one with another number of processes or
 workers, treats every sample alike.
 
+Latent shards (`data-prep latents`, their manifest's kind "latents") are read the same way; a
+sample is then its stored fp16 array (`pipeline.latents`), delivered as it is: no decoding, crop
+or flip.
+
 Shard lists are resolved by `pipeline.shards` and shards opened by `pipeline.shard_io` (local
 files, ``pipe:`` commands, object stores and web servers); their public names are re-exported
 here.

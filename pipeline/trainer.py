@@ -34,7 +34,7 @@ from pipeline import conditioning, config as config_module, models, preemption, 
 from pipeline.checkpointer import Checkpointer, seed_process
 from pipeline.config import RunConfig
 from pipeline.digits_quality import SampleQualityEval
-from pipeline.data import TrainingBatches, resolve_shards, shards_for_reader
+from pipeline.data import TrainingBatches, is_latent, resolve_shards, shards_for_reader
 from pipeline.latents import check_latent_data
 from pipeline.errors import UserError
 from pipeline.faults import Faults
@@ -81,6 +81,10 @@ class Trainer:
         conditioning.check_shards(self.train_shards, data.image_size, data.channels, "data.shards", config.model)
         # Latent shards need a latent model of the same autoencoder; a fresh start takes their scale.
         check_latent_data(model, self.train_shards, "data.shards", set_scale=resume is None)
+        if is_latent(self.train_shards) and (config.eval.fid_images or config.eval.sample_quality_images):
+            raise UserError("eval.fid_images / eval.sample_quality_images: not measured during latent training "
+                            "yet; set them to 0 and measure a checkpoint with `launch eval RUN_DIR --fid N` or "
+                            "`--sample-quality N` (they compare decoded samples with the source images)")
         self.batches = self._batches(resume.restore_randomness_and_data() if resume else None)
         # 4. Weights into the plain model: the checkpoint's, or initialised from the first batch.
         if resume is not None:

@@ -167,10 +167,12 @@ def test_manifest_round_trip_and_errors(tmp_path):
     path = write_manifest(manifest, tmp_path)
     assert find_manifest(tmp_path) == path and not (tmp_path / "manifest.json.tmp").exists()
     assert read_manifest(tmp_path) == manifest == read_manifest(path)
-    # every field, but "keys" only when not the default and the classes' names and counts only
-    # where known (older readers know no such fields)
+    # every field, but "keys" only when not the default, the classes' names and counts only
+    # where known, and "kind"/"latents" only for latent splits (older readers know no such fields)
     assert set(json.loads(path.read_text())) == {f.name for f in dataclasses.fields(Manifest)} - {
-        "keys", "class_names", "class_counts"}
+        "keys", "class_names", "class_counts", "kind", "latents"}
+    latent = dataclasses.replace(manifest, kind="latents", channels=4, encoding="npy", latents={"scale_factor": 0.5})
+    assert read_manifest(write_manifest(latent, tmp_path)) == latent
     resharded = dataclasses.replace(manifest, keys="source")
     assert read_manifest(write_manifest(resharded, tmp_path)) == resharded
     named = dataclasses.replace(manifest, num_classes=2, class_names=("cat", "dog"), class_counts=(3, 2))

@@ -184,6 +184,17 @@ def write_files(staging: Path, files: dict[str, bytes]) -> dict[str, dict]:
     return {name: _write_durable(staging / name, data) for name, data in files.items()}
 
 
+def write_parts(staging: Path, parts: dict[str, tuple[str, Any]]) -> dict[str, dict]:
+    """`write_files` of `encode_parts`, one file at a time: only one file's encoded bytes are in
+    memory at once (encoding them all first held a second copy of the whole state)."""
+    records = {}
+    for name, (kind, obj) in parts.items():
+        data = _ENCODERS[kind](obj)
+        records[name] = _write_durable(staging / name, data)
+        del data
+    return records
+
+
 def commit(
     run_dir: str | os.PathLike,
     step: int,
@@ -429,7 +440,7 @@ class BackgroundWriter:
     def _write(self, step: int, images_seen: int, parts: dict, extra: dict) -> None:
         started = time.perf_counter()
         try:
-            records: dict = write_files(staging_path(self.run_dir, step), encode_parts(parts))
+            records: dict = write_parts(staging_path(self.run_dir, step), parts)
             if self.pause is not None:
                 self.pause(step, self.rank, self.world_size)
         except BaseException as exc:  # still take part in the exchange, or the others would hang

@@ -240,7 +240,7 @@ class Checkpointer:
             if final:
                 self.writer.wait()
             return
-        records = checkpoint.write_files(checkpoint.staging_path(run_dir, progress.step), checkpoint.encode_parts(parts))
+        records = checkpoint.write_parts(checkpoint.staging_path(run_dir, progress.step), parts)
         written = time.perf_counter() - started
         self.faults.pause_in_checkpoint(progress.step, processes.rank, processes.world_size)
         gathered = processes.all_gather_objects(records)

@@ -229,3 +229,8 @@ def test_n_to_m_and_back_resumes_everything(strategy, digits_dir, tmp_path):
     got = load_file(exported)
     assert got.keys() == {k.removeprefix("ema/") for k in expected if k.startswith("ema/")}
     assert all(torch.equal(got[k], expected[f"ema/{k}"]) for k in got)
+    # So do `launch sample RUN_DIR` and `launch eval RUN_DIR` (launch/weights.py's load_model).
+    from launch.weights import load_model
+
+    model, _, _ = load_model(run_dir, use_ema=False)
+    assert all(torch.equal(v, expected[f"model/{k}"]) for k, v in model.state_dict().items())

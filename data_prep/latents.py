@@ -11,7 +11,7 @@ through unchanged. Shards are encoded in parallel, one shard per task (``--worke
 Each split's manifest (`pipeline.manifest`, ``kind: "latents"``) names the autoencoder run, its
 checkpoint and that checkpoint's hash, the latent shape and the scale factor: 1/std of the
 latents z over every element of the train split (from the moments: Var z = E[μ² + σ²] − E[μ]²,
-exact, no draw), so that the diffusion model sees roughly unit variance (LDM sec. 4.3.2).
+exact, no draw; with ``--store mean``, of μ), so that the diffusion model sees roughly unit variance (LDM sec. 4.3.2).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         info = LatentInfo(
             autoencoder=str(args.autoencoder), checkpoint=stage.checkpoint,
             checkpoint_sha256=stage.checkpoint_sha256, step=stage.step,
-            stored="moments" if args.store == "moments" else "sample", latent_shape=latent_shape,
+            stored=args.store, latent_shape=latent_shape,
             scale_factor=1.0 / std, image_size=data.image_size, image_channels=data.channels)
         written = {}
         for split, (directory, manifest) in manifests.items():
@@ -151,7 +151,8 @@ def _encode_shard(task: tuple) -> tuple:
             mean, logvar = model.encode(batch)
         mean, logvar = mean.double(), logvar.double()
         sums[0] += mean.sum().item()
-        sums[1] += (mean.square() + logvar.exp()).sum().item()
+        # E[z²] of what the diffusion model will see: drawn z (moments) or μ itself (mean)
+        sums[1] += (mean.square() + logvar.exp() if store == "moments" else mean.square()).sum().item()
         sums[2] += mean.numel()
         stored = torch.cat([mean, logvar], 1) if store == "moments" else mean
         for (key, members, _), latent in zip(pending, stored.half().numpy()):

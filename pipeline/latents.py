@@ -3,7 +3,7 @@
 `data-prep latents AE_RUN SHARDS OUT` (data_prep/latents.py) encodes image shards with an
 autoencoder run (pipeline/models/autoencoder.py) into latent shards: per sample
 ``<key>.latent.npy``, an fp16 array of the posterior's moments ``[2c, h, w]`` (mean, then
-log-variance) or of one fixed draw ``[c, h, w]``, beside the sample's ``.cls`` and ``.json``. The
+log-variance) or of its mean alone ``[c, h, w]``, beside the sample's ``.cls`` and ``.json``. The
 split's manifest has ``kind: "latents"``, ``image_size``/``channels`` of the latent grid, and a
 ``latents`` object (`LatentInfo`) naming the autoencoder run, the sha256 of its checkpoint, the
 latent shape and the scale factor 1/std of the latents on the data (LDM sec. 4.3.2: the diffusion
@@ -30,7 +30,7 @@ import torch
 from pipeline.errors import UserError
 
 LATENT_MEMBER = "latent.npy"
-STORED = ("moments", "sample")
+STORED = ("moments", "mean")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class LatentInfo:
     checkpoint: str  # the checkpoint directory whose weights encoded the split
     checkpoint_sha256: str  # `checkpoint_sha256` of that checkpoint
     step: int  # its training step
-    stored: str  # "moments": mean and log-variance, [2c, h, w]; "sample": one draw, [c, h, w]
+    stored: str  # "moments": mean and log-variance, [2c, h, w]; "mean": μ alone, [c, h, w]
     latent_shape: tuple[int, int, int]  # (c, h, w) of a latent
     scale_factor: float  # 1 / std of the latents over the encoded train data
     image_size: int  # the images the autoencoder encodes and decodes
@@ -89,7 +89,7 @@ def decode_latent(sample: dict[str, bytes], key: str, url: str) -> np.ndarray:
 
 
 def draw(moments: torch.Tensor, channels: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z = μ + σ·ε (float32) from stored moments [B, 2c, h, w]; a stored sample [B, c, h, w] as it is."""
+    """z = μ + σ·ε (float32) from stored moments [B, 2c, h, w]; a stored mean [B, c, h, w] as it is."""
     moments = moments.float()
     if moments.shape[1] == channels:
         return moments

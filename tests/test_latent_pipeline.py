@@ -110,6 +110,25 @@ def test_latent_shards_carry_moments_labels_and_the_autoencoder(latents):
     assert array.dtype == np.float16 and array.shape == (8, 8, 8)  # mean and log-variance
 
 
+
+def test_latents_of_the_mean_alone(latents, tmp_path):
+    import io
+
+    from data_prep.cli import main as data_prep_main
+    from pipeline.data import iter_raw_samples
+    from pipeline.latents import LATENT_MEMBER, LatentInfo
+    from pipeline.manifest import read_manifest
+
+    out = tmp_path / "mean"
+    assert data_prep_main(["latents", str(latents["ae"]), str(latents["digits"] / "test"), str(out), "--store", "mean"]) == 0
+    manifest = read_manifest(out / "test")
+    info = LatentInfo.from_manifest(manifest, "test")
+    stored = np.stack([np.load(io.BytesIO(sample[LATENT_MEMBER])).astype(np.float64)
+                       for shard in manifest.shards for _, sample in iter_raw_samples(str(out / "test" / shard.name))])
+    assert info.stored == "mean" and stored.shape == (manifest.num_samples, 4, 8, 8)
+    assert info.scale_factor == pytest.approx(1 / stored.std(), rel=1e-2)  # 1/std of what is stored
+
+
 @pytest.fixture(scope="module")
 def trained(latents) -> Path:
     """The latent DiT trained without interruption (the reference of the resume test)."""

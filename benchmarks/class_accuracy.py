@@ -1,8 +1,9 @@
 """How often a class-conditional digits model draws the class it is asked for, per guidance scale.
 
 Method. The run's newest checkpoint (EMA weights when the run has them) samples ``--per-class``
-images of each class 0..9 (labels class by class, one seed, the run's ``sample.options`` with
-``guidance`` replaced by each of ``--scales``; families without guidance take one row, scale
+images of each class 0..9 (labels class by class, one seed, the run's ``sample.options``, updated by
+the ``key=value`` options after the run directory, with ``guidance`` replaced by each of
+``--scales``; families without guidance take one row, scale
 null). The digits classifier of `pipeline.digits_quality` (trained on the run's train split,
 98.3% accurate on the held-out digits) classifies every image: ``accuracy`` is the fraction whose
 most probable class is the asked one, ``sure_accuracy`` the fraction where that class also has
@@ -29,6 +30,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from launch.sample import parse_options  # noqa: E402
 from launch.weights import load_model  # noqa: E402
 from pipeline import digits_quality, images  # noqa: E402
 from pipeline.errors import UserError, one_line  # noqa: E402
@@ -38,8 +40,9 @@ DIGIT_CLASSES = 10
 
 
 def measure(run_dir: str, scales: list[float | None], per_class: int, seed: int, batch_size: int,
-            device: str = "cpu", use_ema: bool = True) -> list[dict]:
-    """One result row per guidance scale (module docstring)."""
+            device: str = "cpu", use_ema: bool = True, options: dict | None = None) -> list[dict]:
+    """One result row per guidance scale (module docstring); ``options`` are sampling options
+    that replace the run's ``sample.options`` (as `launch sample RUN key=value`)."""
     model, manifest, config = load_model(run_dir, use_ema, None, device)
     if model.num_classes != DIGIT_CLASSES:
         raise UserError(f"{run_dir}: the model has model.num_classes={model.num_classes}; this "
@@ -50,17 +53,20 @@ def measure(run_dir: str, scales: list[float | None], per_class: int, seed: int,
     labels = images.class_rows(range(DIGIT_CLASSES), per_class)
     rows = []
     for scale in scales:
-        options = dict(config.sample.options)
+        row_options = {**config.sample.options, **(options or {})}
         if scale is not None:
-            options["guidance"] = scale
-        options = check_sample_options(config.model.family, options, config.model)
+            row_options["guidance"] = scale
+        try:
+            row_options = check_sample_options(config.model.family, row_options, config.model)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         generator = torch.Generator().manual_seed(seed)
         started = time.perf_counter()
         samples = []
         with torch.no_grad():
             for start in range(0, len(labels), batch_size):
                 chunk = labels[start:start + batch_size]
-                samples.append(model.sample(len(chunk), generator, labels=chunk, **options).cpu())
+                samples.append(model.sample(len(chunk), generator, labels=chunk, **row_options).cpu())
         seconds = time.perf_counter() - started
         samples = torch.cat(samples)
         features = quality.classifier.features(samples).cpu().double().numpy()
@@ -72,7 +78,7 @@ def measure(run_dir: str, scales: list[float | None], per_class: int, seed: int,
         report = quality.report(features)
         rows.append({
             "run_dir": run_dir, "step": int(manifest["step"]), "objective": getattr(config.model, "objective", None),
-            "guidance": scale, "options": options, "images": len(labels),
+            "guidance": scale, "options": row_options, "images": len(labels),
             "accuracy": float(right.double().mean()), "sure_accuracy": float((right & sure).double().mean()),
             "per_class": [float(right[labels == k].double().mean()) for k in range(DIGIT_CLASSES)],
             "digits_fd": report["digits_fd"], "digits_fd_floor": report["digits_reference"]["digits_fd"],
@@ -89,6 +95,8 @@ def _scales(text: str) -> list[float | None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir")
+    parser.add_argument("options", nargs="*", default=[],
+                        help="sampling options replacing the run's, e.g. sampler=ddim steps=50")
     parser.add_argument("--scales", default="none",
                         help="guidance scales, comma-separated (none: the run's sample.options as they are)")
     parser.add_argument("--per-class", type=int, default=50, help="images per class (default 50)")
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = measure(args.run_dir, _scales(args.scales), args.per_class, args.seed, args.batch_size,
-                       args.device)
+                       args.device, options=parse_options(args.options))
     except UserError as exc:
         print(f"class_accuracy: error: {one_line(exc)}", file=sys.stderr)
         return 2

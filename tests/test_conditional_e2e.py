@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,24 @@ def test_a_conditional_run_trains_evaluates_and_draws_its_classes_in_rows(cond_r
     assert report.returncode == 0, report.stderr[-3000:]
     result = json.loads(report.stdout)
     assert math.isfinite(result["bits_per_dim"]) and result["kind"] == "upper_bound" and result["images"] == 8
+
+
+def test_class_accuracy_rows_per_scale_with_the_sampling_options_given(cond_run, tmp_path):
+    """benchmarks/class_accuracy.py: one row per guidance scale, the options after the run
+    directory replacing the run's, every image classified."""
+    out = tmp_path / "acc.jsonl"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "class_accuracy.py"), str(cond_run),
+                             "eta=0", "--scales", "0,2", "--per-class", "1", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["guidance"] for row in rows] == [0.0, 2.0]
+    for row in rows:
+        assert row["options"]["eta"] == 0.0 and row["options"]["guidance"] == row["guidance"]
+        assert row["images"] == 10 and len(row["per_class"]) == 10 and 0.0 <= row["accuracy"] <= 1.0
+    wrong = subprocess.run([sys.executable, str(REPO / "benchmarks" / "class_accuracy.py"), str(cond_run),
+                            "sampler=euler"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("class_accuracy: error: sampler 'euler'")
 
 
 def test_classes_that_cannot_be_drawn_are_one_line_errors(cond_run, tmp_path):

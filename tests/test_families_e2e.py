@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import run_cli, tiny_overrides
+from pipeline import config as config_module
 
 pytestmark = pytest.mark.slow
 
@@ -137,7 +138,8 @@ def test_sample_grid(family, trained):
     columns = math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     assert pixels.dtype == np.uint8
-    assert pixels.shape == (rows * 34 + 2, columns * 34 + 2)  # 32-pixel images, 2-pixel padding
+    size = config_module.load(run_dir / "config.yaml").data.image_size  # the config's resolution
+    assert pixels.shape == (rows * (size + 2) + 2, columns * (size + 2) + 2)  # 2-pixel padding
     if family == "pixelcnn":
         return  # another 1024 network passes; its uint8 contract is unit-tested in test_autoregressive
 

@@ -149,7 +149,7 @@ def test_sample_grid(family, trained):
     with torch.no_grad():
         images = model.sample(1, torch.Generator().manual_seed(0), **config.sample.options)
     assert images.dtype == torch.uint8
-    assert tuple(images.shape) == (1, 1, 32, 32)
+    assert tuple(images.shape) == (1, 1, size, size)
 
 
 def test_eval_exact_likelihood_is_the_same_on_two_processes(trained):

@@ -106,8 +106,7 @@ def diffusion_floor(info: dict, data: Path, timesteps: int, images: int, schedul
     """The bound of the Bayes-optimal denoiser minus the exact value, on the first `images`
     held-out images (mc-importance, 32 timesteps per image), in bits/dim."""
     from pipeline.data import eval_batches
-    from pipeline.models.diffusion import (NoiseSchedule, TimestepImportance, beta_schedule,
-                                           variational_bound_mc)
+    from pipeline.models.diffusion import NoiseSchedule, TimestepImportance, beta_schedule, variational_bound_mc
     from pipeline.shards import resolve_shards
 
     spec = info["spec"]
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
 
-    print(f"\n| family | steps | training wall / CPU | held-out bits/dim | entropy | gap | goal |")
+    print("\n| family | steps | training wall / CPU | held-out bits/dim | entropy | gap | goal |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         if row["row"] == "family":

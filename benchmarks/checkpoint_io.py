@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, config as config_module, models
+from pipeline import checkpoint, models
+from pipeline import config as config_module
 from pipeline.ema import EMA
 
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             {"measure": "save_async", "blocked_s": median(blocked[1:] or blocked),
              "first_blocked_s": round(blocked[0], 3), "background_s": median(background)},
             {"measure": "load", "verify_s": median(verify_times), "load_s": median(load_times),
-             "total_s": median([v + l for v, l in zip(verify_times, load_times)])},
+             "total_s": median([v + t for v, t in zip(verify_times, load_times)])},
         ):
             print(json.dumps({**record, **common, "repeats": args.repeats}))
     finally:

@@ -90,6 +90,7 @@ def _synthetic_shards(config: str, count: int, work: Path) -> list[str]:
     """Overrides pointing ``config`` at ``count`` photo crops written at its image size."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from loader import make_image_folder, photographs
+
     from pipeline import config as config_module
 
     data = config_module.load(REPO / config).data

@@ -29,11 +29,11 @@ import importlib.util
 
 import torch
 from torch import nn
+from torchvision_compat import import_torchvision
 
 from pipeline import models
 from pipeline.models.layers import AttentionBlock
 from pipeline.models.unet import Downsample, ResBlock, UNet, Upsample
-from torchvision_compat import import_torchvision
 
 # Our parameter names inside a residual block and an attention block -> diffusers' names.
 _RESBLOCK_NAMES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj",

@@ -42,7 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import config as config_module, models  # noqa: E402
+from pipeline import config as config_module  # noqa: E402
+from pipeline import models
 from pipeline.errors import UserError  # noqa: E402
 
 

@@ -79,11 +79,11 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image
+from torchvision_compat import import_torchvision
 
 from data_prep.sources import find_images
 from pipeline.data import TrainingBatches, decode_image, iter_raw_samples, resolve_shards
 from pipeline.errors import UserError
-from torchvision_compat import import_torchvision
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = 10

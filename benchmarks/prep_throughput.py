@@ -25,7 +25,8 @@ time of the subprocess and its children, from ``getrusage``), so threads (img2da
 downloads, OpenCV) count for what they cost and waits for a busy machine's cores do not; the
 HTTP server's CPU is this process's and is not counted. Each job is also run once on a single
 image first: its CPU time there (``startup_cpu_s``: interpreter, imports, pools) is recorded, and
-``img_s_per_core_after_startup`` divides by the CPU time less it. ``images/s`` is wall-clock. img2dataset is run from ``--img2dataset``
+``img_s_per_core_after_startup`` divides by the CPU time less it. ``images/s`` is wall-clock.
+img2dataset is run from ``--img2dataset``
 (default: ``img2dataset`` on PATH); it pins webdataset < 1, so install it in its own virtual
 environment (``python -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset``). Rows are
 printed and appended to ``--out`` (default docs/benchmarks/prep_throughput_<hostname>.jsonl)::

@@ -86,11 +86,12 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-
 from diffusers_baseline import copy_weights, diffusers_unet_for, import_diffusers, randomize_weights_
-from pipeline import config as config_module, models
-from pipeline.models import diffusion
 from train_step import COMPILE_MODES, NETWORKS, REPO, choices, release, start_run, synchronize
+
+from pipeline import config as config_module
+from pipeline import models
+from pipeline.models import diffusion
 
 # name -> (our sampler, network evaluations); DDPM's count is T (--ddpm-steps overrides it).
 SAMPLERS = {"ddim50": ("ddim", 50), "ddpm1000": ("ddpm", 1000)}
@@ -275,7 +276,7 @@ def sampler_check(ddpm_steps: int) -> list[dict]:
         their_steps.timesteps.clear()
         shape = (CHECK_BATCH, *model.image_shape)
         generator = torch.Generator().manual_seed(CHECK_SEED)
-        patch = (mock.patch.object(diffusion, "ddim_timesteps", lambda timesteps, count: grid)
+        patch = (mock.patch.object(diffusion, "ddim_timesteps", lambda timesteps, count, grid=grid: grid)
                  if grid is not None else contextlib.nullcontext())
         with torch.no_grad(), patch:  # model.sample's own steps, but x0 before uint8
             x_T = torch.randn(shape, generator=generator, dtype=torch.float32)

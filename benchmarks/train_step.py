@@ -74,12 +74,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers_baseline import check_same_outputs, copy_weights, diffusers_unet_for, import_diffusers, no_tf32
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusers_baseline import (check_same_outputs, copy_weights, diffusers_unet_for,
-                                import_diffusers, no_tf32)
-from pipeline import config as config_module, models, optim
+from pipeline import config as config_module
+from pipeline import models, optim
 from pipeline.distributed import Processes
 from pipeline.ema import EMA
 from pipeline.faults import Faults

@@ -26,14 +26,14 @@ import json
 import multiprocessing
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from data_prep import latents, sources
 from data_prep.writer import Sample, ShardWriter, StagedOutput, finish_split, write_split
 from pipeline import cliargs
-from pipeline.errors import UserError
 from pipeline.decode import IMAGE_MEMBERS
+from pipeline.errors import UserError
 from pipeline.manifest import MANIFEST_NAME
 
 

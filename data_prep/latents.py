@@ -47,8 +47,7 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_prep.writer import SPLITS, StagedOutput
     from pipeline.latents import LatentInfo, load_autoencoder
-    from pipeline.manifest import (LATENT_ENCODING, Manifest, ShardInfo, find_split_dirs, read_manifest,
-                                   write_manifest)
+    from pipeline.manifest import LATENT_ENCODING, Manifest, ShardInfo, find_split_dirs, read_manifest, write_manifest
 
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")

@@ -114,7 +114,7 @@ def scan_tree(root: str | os.PathLike) -> tuple[list[str], list[dict]]:
     return sorted(found), sorted(passed_over, key=lambda item: item["path"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def image_extensions() -> frozenset[str]:
     """The file extensions this installation reads (registering pillow-heif when installed)."""
     from PIL import features

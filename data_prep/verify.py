@@ -99,7 +99,7 @@ def _check_contents(path: Path, manifest: Manifest, expected: int, first_key: in
         return problems
     if len(samples) != expected:
         problems.append(f"{path}: {len(samples)} samples, manifest says {expected}")
-    for index, (key, members) in enumerate(samples):
+    for index, (key, _members) in enumerate(samples):
         if manifest.keys == "index" and int(key) != first_key + index:
             problems.append(f"{path}: sample key {key}, expected {first_key + index:09d}")
             break  # one out-of-order key shifts all that follow; one line is enough

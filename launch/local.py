@@ -18,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import checkpoint, conditioning, config as config_module
+from pipeline import checkpoint, conditioning
+from pipeline import config as config_module
 from pipeline.config import RunConfig
 from pipeline.data import plan_layout, resolve_shards, resume_problem
 from pipeline.errors import UserError

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from launch.weights import load_model
-from pipeline import conditioning, config as config_module, images
+from pipeline import conditioning, images
+from pipeline import config as config_module
 from pipeline.errors import UserError
 from pipeline.models import check_sample_options
 

@@ -21,9 +21,10 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pipeline.files import atomic_write
 
@@ -257,7 +258,7 @@ class Request:
     """``slurm.extra_sbatch``'s ``nodelist``, if any."""
 
     @classmethod
-    def from_section(cls, slurm: Mapping[str, Any]) -> "Request":
+    def from_section(cls, slurm: Mapping[str, Any]) -> Request:
         """From the ``slurm:`` section as a mapping (``config.slurm.model_dump()``, or the YAML)."""
         extra = slurm.get("extra_sbatch") or {}
         nodelist = extra.get("nodelist", extra.get("w"))

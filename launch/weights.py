@@ -17,7 +17,8 @@ from pathlib import Path
 
 import safetensors.torch
 
-from pipeline import checkpoint, config as config_module, models
+from pipeline import checkpoint, models
+from pipeline import config as config_module
 from pipeline.checkpoint import LoadedCheckpoint
 from pipeline.config import RunConfig
 from pipeline.errors import UserError

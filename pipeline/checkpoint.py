@@ -43,9 +43,10 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -298,7 +299,7 @@ def verify(path: Path) -> dict:
 def latest_valid(run_dir: str | os.PathLike, warn: Callable[[str], None] | None = None) -> tuple[Path, dict] | None:
     """Newest checkpoint that verifies, reporting each damaged newer one it skips."""
     warn = warn or log.warning
-    for step, path in reversed(list_checkpoints(run_dir)):
+    for _step, path in reversed(list_checkpoints(run_dir)):
         try:
             return path, verify(path)
         except ValueError as exc:

@@ -57,7 +57,13 @@ def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     python_state = random.getstate()
     plain = {
         "python": [python_state[0], list(python_state[1]), python_state[2]],
-        "numpy": [numpy_state[0], numpy_state[1].tolist(), int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+        "numpy": [
+            numpy_state[0],
+            numpy_state[1].tolist(),
+            int(numpy_state[2]),
+            int(numpy_state[3]),
+            float(numpy_state[4]),
+        ],
     }
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

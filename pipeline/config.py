@@ -202,7 +202,7 @@ class EvalConfig(StrictModel):
     (0: every ``every_steps``)."""
 
     @model_validator(mode="after")
-    def _fid_has_a_schedule(self) -> "EvalConfig":
+    def _fid_has_a_schedule(self) -> EvalConfig:
         if self.fid_images == 1:
             raise ValueError("fid_images must be 0 (off) or at least 2")
         if self.fid_images and not (self.every_steps or self.fid_every_steps):
@@ -210,7 +210,7 @@ class EvalConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _sample_quality_has_a_schedule(self) -> "EvalConfig":
+    def _sample_quality_has_a_schedule(self) -> EvalConfig:
         if self.sample_quality_images == 1:
             raise ValueError("sample_quality_images must be 0 (off) or at least 2")
         if self.sample_quality_images and not (self.every_steps or self.sample_quality_every_steps):
@@ -261,7 +261,7 @@ class DistributedConfig(StrictModel):
         return self.hang_timeout_minutes
 
     @model_validator(mode="after")
-    def _hang_before_collective_timeout(self) -> "DistributedConfig":
+    def _hang_before_collective_timeout(self) -> DistributedConfig:
         if self.hang_timeout_minutes is not None and self.hang_timeout_minutes >= self.timeout_minutes:
             raise ValueError(
                 f"hang_timeout_minutes ({self.hang_timeout_minutes:g}) must be below timeout_minutes "
@@ -305,7 +305,7 @@ class DeepSpeedConfig(StrictModel):
     choice, else none."""
 
     @model_validator(mode="after")
-    def _check_file(self) -> "DeepSpeedConfig":
+    def _check_file(self) -> DeepSpeedConfig:
         zero = self.file_zero_section()
         stage = self.resolved_stage()
         if self.offload_param == "cpu" and stage != 3:
@@ -383,7 +383,7 @@ class SlurmConfig(StrictModel):
     """Shell lines run before the tasks start (module loads, env activation)."""
 
     @model_validator(mode="after")
-    def _one_task_per_gpu(self) -> "SlurmConfig":
+    def _one_task_per_gpu(self) -> SlurmConfig:
         if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
             raise ValueError(
                 f"tasks_per_node={self.tasks_per_node} with gpus_per_node={self.gpus_per_node}: "
@@ -393,7 +393,7 @@ class SlurmConfig(StrictModel):
 
 
 ModelConfig = Annotated[
-    Union[tuple(models.config_classes())],  # type: ignore[misc]
+    Union[tuple(models.config_classes())],  # type: ignore[misc]  # noqa: UP007 (a runtime tuple of classes)
     Field(discriminator="family"),
 ]
 
@@ -418,7 +418,7 @@ class RunConfig(StrictModel):
     slurm: SlurmConfig = SlurmConfig()
 
     @model_validator(mode="after")
-    def _check_cross_fields(self) -> "RunConfig":
+    def _check_cross_fields(self) -> RunConfig:
         if self.eval.every_steps and self.data.eval_shards is None:
             raise ValueError("eval.every_steps is set but data.eval_shards is not")
         if self.train.compile and self.distributed.strategy == "deepspeed":

@@ -55,8 +55,8 @@ import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -66,6 +66,7 @@ from pipeline import faults
 from pipeline.decode import IMAGE_MEMBERS, decode_square
 from pipeline.errors import UserError
 from pipeline.latents import decode_latent
+
 # Shard lists and shard reading live in their own modules; their names stay importable from here.
 from pipeline.shard_io import FetchPolicy, iter_raw_samples, opened_shards
 from pipeline.shards import ShardSet, check_shards_match, resolve_shards
@@ -447,7 +448,7 @@ class _Saved:
     step: int | None
 
     @classmethod
-    def parse(cls, state: dict) -> "_Saved | None":
+    def parse(cls, state: dict) -> _Saved | None:
         ranks = state["ranks"] if "ranks" in state else [state]
         ranks = [rank_state for rank_state in ranks if rank_state]
         if not ranks:
@@ -621,7 +622,7 @@ class TrainingBatches:
         state: dict | None = None,
         labels: bool = False,
         fields: tuple[str, ...] = (),
-    ) -> "TrainingBatches":
+    ) -> TrainingBatches:
         """The batches a `pipeline.config.DataConfig` describes (every data.* field read here)."""
         return cls(
             shards,

@@ -45,7 +45,7 @@ class Processes:
         return self.rank == 0
 
     @classmethod
-    def start(cls, distributed_config) -> "Processes":
+    def start(cls, distributed_config) -> Processes:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 

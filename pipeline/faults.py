@@ -33,9 +33,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from pipeline import watchdog
 
@@ -60,7 +60,7 @@ class Faults:
     """This process's rank (from RANK, read once with the plan), for the faults aimed at one rank."""
 
     @classmethod
-    def parse(cls, text: str) -> "Faults":
+    def parse(cls, text: str) -> Faults:
         values: dict = {}
         for item in filter(None, (part.strip() for part in text.split(";"))):
             name, _, value = item.partition("=")
@@ -80,7 +80,7 @@ class Faults:
         return cls(**values)
 
     @classmethod
-    def from_environment(cls) -> "Faults":
+    def from_environment(cls) -> Faults:
         import dataclasses
 
         return dataclasses.replace(cls.parse(os.environ.get(ENV, "")), rank=int(os.environ.get("RANK", "0")))

@@ -519,8 +519,17 @@ def save_cached_stats(path: Path | None, key: str, stats: FeatureStats) -> None:
         log.warning("could not cache FID reference statistics at %s (%s)", path, exc)
 
 
-def reference_stats(extractor: FeatureExtractor, shards, *, image_size: int, channels: int, batch_size: int,
-                    rank: int = 0, world_size: int = 1, max_images: int | None = None) -> tuple[FeatureStats | None, bool]:
+def reference_stats(
+    extractor: FeatureExtractor,
+    shards,
+    *,
+    image_size: int,
+    channels: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_images: int | None = None,
+) -> tuple[FeatureStats | None, bool]:
     """(statistics on rank 0 / None elsewhere, whether they came from the cache). Collective."""
     path = stats_cache_path(shards, extractor.id)
     key = _cache_key(shards, extractor.id, max_images)

@@ -48,7 +48,7 @@ class LatentInfo:
     image_channels: int
 
     @classmethod
-    def from_manifest(cls, manifest, where: str) -> "LatentInfo":
+    def from_manifest(cls, manifest, where: str) -> LatentInfo:
         try:
             info = cls(**{**manifest.latents, "latent_shape": tuple(manifest.latents["latent_shape"])})
         except (TypeError, KeyError) as exc:
@@ -125,7 +125,8 @@ class FirstStage:
 def load_autoencoder(run_dir: str | Path, key: str = "model.autoencoder") -> FirstStage:
     """The autoencoder of a run directory (its newest intact checkpoint, EMA weights where kept),
     frozen, in eval mode, on the CPU; a one-line UserError naming ``key`` when it cannot be."""
-    from pipeline import config as config_module, models
+    from pipeline import config as config_module
+    from pipeline import models
     from pipeline.checkpoint import LoadedCheckpoint
     from pipeline.rundir import RunDir
     from pipeline.sharding import PartReader

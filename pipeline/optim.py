@@ -10,7 +10,7 @@ figures are the trainer's.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

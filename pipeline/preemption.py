@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from collections.abc import Iterator
 from types import FrameType
-from typing import Iterator
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped cleanly, relaunching resumes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)

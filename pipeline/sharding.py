@@ -33,8 +33,8 @@ nothing is unpickled: safetensors and JSON only (docs/checkpoints.md says why no
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
@@ -82,7 +82,7 @@ class Layout(dict):
     """name -> `TensorLayout`, in the order the tensors were given (the same on every rank)."""
 
     @classmethod
-    def gather(cls, specs: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]], processes) -> "Layout":
+    def gather(cls, specs: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]], processes) -> Layout:
         """Every rank's ``{name: (shape, dtype, offset, length)}`` (length 0: no piece) into one
         layout. Collective."""
         mine = {name: (offset, length) for name, (_, _, offset, length) in specs.items()}
@@ -107,7 +107,7 @@ class Layout(dict):
             if covered != tensor.numel:
                 raise AssertionError(f"layout of {name}: pieces {tensor.pieces} do not tile {tensor.numel} elements")
 
-    def renamed(self, prefix: str, names: Iterable[str] | None = None) -> "Layout":
+    def renamed(self, prefix: str, names: Iterable[str] | None = None) -> Layout:
         """The same pieces under ``prefix + name`` (the optimizer's moments: ``exp_avg/NAME``)."""
         return Layout((prefix + name, self[name]) for name in (self if names is None else names))
 
@@ -116,7 +116,7 @@ class Layout(dict):
                        "pieces": [[p.rank, p.offset, p.length] for p in t.pieces]} for name, t in self.items()}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Layout":
+    def from_json(cls, data: dict) -> Layout:
         return cls((name, TensorLayout(tuple(t["shape"]), t["dtype"], tuple(Piece(*p) for p in t["pieces"])))
                    for name, t in data.items())
 

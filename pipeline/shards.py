@@ -29,8 +29,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.manifest import MANIFEST_NAME, Manifest, find_manifest, parse_manifest, read_manifest
-from pipeline.shard_io import (count_samples, filesystem, is_http, is_remote, local_path, open_remote,
-                               sample_key)
+from pipeline.shard_io import count_samples, filesystem, is_http, is_remote, local_path, open_remote, sample_key
 
 log = logging.getLogger(__name__)
 

@@ -30,18 +30,19 @@ import sys
 
 import torch
 
-from pipeline import conditioning, config as config_module, models, preemption, strategies
+from pipeline import conditioning, models, preemption, strategies
+from pipeline import config as config_module
 from pipeline.checkpointer import Checkpointer, seed_process
 from pipeline.config import RunConfig
-from pipeline.digits_quality import SampleQualityEval
 from pipeline.data import TrainingBatches, is_latent, resolve_shards, shards_for_reader
-from pipeline.latents import check_latent_data
+from pipeline.digits_quality import SampleQualityEval
 from pipeline.errors import UserError
 from pipeline.faults import Faults
+from pipeline.latents import check_latent_data
 from pipeline.periodic import FidEval, HeldOutEval, MetricsSink, SampleGrid, StopSignal, Throughput
 from pipeline.rundir import RunDir
 from pipeline.tracking import MetricsFile, code_version, make_tracker
-from pipeline.train_step import EXIT_DIVERGED, MetricWindow, Progress, TrainStep, TrainingDiverged, learning_rate
+from pipeline.train_step import EXIT_DIVERGED, MetricWindow, Progress, TrainingDiverged, TrainStep, learning_rate
 
 log = logging.getLogger("pipeline.trainer")
 

@@ -36,8 +36,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pipeline.files import atomic_write
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 EXIT_HUNG = 76
 REPORT_FILE = "hang.json"
 
-_active: "Watchdog | None" = None
+_active: Watchdog | None = None
 _handlers: list[Callable[[dict], None]] = []
 
 

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 
 def main(argv: list[str]) -> int:
-    from pipeline import config as config_module, sharding
+    from pipeline import config as config_module
+    from pipeline import sharding
     from pipeline.trainer import Trainer
 
     config_path, out, *overrides = argv

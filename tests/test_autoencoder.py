@@ -79,8 +79,16 @@ def test_held_out_pass_reports_psnr_and_kl(tmp_path):
 
     generator = np.random.default_rng(0)
     images = [generator.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(6)]
-    write_split((Sample(encode_image(Image.fromarray(image, "L"), "png"), f"test/{i}") for i, image in enumerate(images)),
-                tmp_path, split="test", image_size=16, channels=1, encoding="png", samples_per_shard=4, source="test")
+    write_split(
+        (Sample(encode_image(Image.fromarray(image, "L"), "png"), f"test/{i}") for i, image in enumerate(images)),
+        tmp_path,
+        split="test",
+        image_size=16,
+        channels=1,
+        encoding="png",
+        samples_per_shard=4,
+        source="test",
+    )
     model = _model()
     result = held_out_evaluation(model, resolve_shards(str(tmp_path), "data.eval_shards"), image_size=16,
                                  channels=1, batch_size=4)

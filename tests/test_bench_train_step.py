@@ -20,7 +20,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import diffusers_baseline  # noqa: E402
 import train_step  # noqa: E402
-from pipeline import config as config_module, models  # noqa: E402
+
+from pipeline import config as config_module  # noqa: E402
+from pipeline import models
 
 
 def network_config(name: str):

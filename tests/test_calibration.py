@@ -302,8 +302,7 @@ def test_bayes_optimal_denoiser_bound(data):
     this data, on held-out images: above the truth (it is a bound) and close to it (at T = 4000
     the fixed-variance chain loses little; the calibration config's schedule)."""
     from pipeline import config as run_config
-    from pipeline.models.diffusion import (NoiseSchedule, TimestepImportance, beta_schedule,
-                                           variational_bound_mc)
+    from pipeline.models.diffusion import NoiseSchedule, TimestepImportance, beta_schedule, variational_bound_mc
 
     model_config = run_config.load(REPO / FAMILIES["diffusion"][0]).model
     schedule = NoiseSchedule(beta_schedule(model_config.schedule, model_config.timesteps),

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import make_id_shards
-from pipeline import conditioning, config as config_module, images, models
+from pipeline import conditioning, images, models
+from pipeline import config as config_module
 from pipeline.data import TrainingBatches, resolve_shards
 from pipeline.distributed import Processes
 from pipeline.errors import UserError

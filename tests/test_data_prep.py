@@ -24,8 +24,7 @@ from PIL import Image
 from data_prep import sources
 from data_prep.cli import build_parser, main, run_images
 from pipeline.errors import UserError
-from pipeline.manifest import (FORMAT, Manifest, ShardInfo, find_manifest, find_split_dirs,
-                               read_manifest, write_manifest)
+from pipeline.manifest import FORMAT, Manifest, ShardInfo, find_manifest, find_split_dirs, read_manifest, write_manifest
 
 SIZE = 16  # small images keep the image-tree tests fast
 
@@ -425,10 +424,10 @@ def test_verify_reports_truncated_flipped_and_missing_shards(digits_copy, capsys
     missing.unlink()
     assert main(["verify", str(digits_copy)]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert any(str(truncated) in l and "size" in l for l in lines)
-    assert any(str(truncated) in l and ("samples" in l or "unreadable" in l) for l in lines[1:])
-    assert any(str(flipped) in l and "sha256" in l for l in lines)
-    assert any(str(missing) in l and "missing shard" in l for l in lines)
+    assert any(str(truncated) in line and "size" in line for line in lines)
+    assert any(str(truncated) in line and ("samples" in line or "unreadable" in line) for line in lines[1:])
+    assert any(str(flipped) in line and "sha256" in line for line in lines)
+    assert any(str(missing) in line and "missing shard" in line for line in lines)
     assert lines[-1].startswith("verify: ") and "problems" in lines[-1]
 
 
@@ -458,8 +457,10 @@ def test_verify_user_errors(digits_copy, tmp_path, capsys):
 def test_cli_subprocess_images_verify_and_errors(tree, tmp_path):
     src, _ = tree
     out = tmp_path / "out"
-    run = lambda *args: subprocess.run([*cli_command(), *args], capture_output=True, text=True,
-                                       timeout=120)
+
+    def run(*args):
+        return subprocess.run([*cli_command(), *args], capture_output=True, text=True, timeout=120)
+
     done = run("images", str(src), str(out), "--size", "8", "--workers", "2", "--holdout", "0.3")
     assert done.returncode == 0, done.stderr
     assert "skipped 6 files: 3 unreadable, 3 not images by name" in done.stdout

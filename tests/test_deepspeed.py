@@ -172,10 +172,11 @@ def test_resuming_under_another_strategy_is_a_clear_error(ddpm_zero3, digits_dir
 
 
 def test_export_loads_and_samples_without_deepspeed(ddpm_zero3, tmp_path):
+    from safetensors.torch import load_file
+
     from launch.cli import main as launch_main
     from pipeline import checkpoint
     from pipeline.sharding import PartReader
-    from safetensors.torch import load_file
 
     first, _, _ = ddpm_zero3
     out = tmp_path / "model.safetensors"
@@ -196,8 +197,7 @@ def test_export_loads_and_samples_without_deepspeed(ddpm_zero3, tmp_path):
 
 
 def test_pixelcnn_export_matches_its_checkpoint(pixelcnn_zero2, tmp_path):
-    from launch.weights import load_weights_file, export_weights
-    from launch.weights import load_model
+    from launch.weights import export_weights, load_model, load_weights_file
 
     first, _, _ = pixelcnn_zero2
     out = export_weights(str(first.run_dir), str(tmp_path / "pcnn.safetensors"), use_ema=False)
@@ -269,8 +269,8 @@ def test_zero3_without_ema_samples_and_evaluates_during_training(digits_dir, tmp
 def test_zero3_bf16_ema_averages_the_fp32_masters(digits_dir, tmp_path):
     # An EMA whose half-life is far below one batch follows the weights at once: it must equal
     # the fp32 masters, which bf16 module copies of them would not.
-    from pipeline.sharding import PartReader
     from pipeline import checkpoint
+    from pipeline.sharding import PartReader
 
     run_dir = tmp_path / "zero3_bf16"
     _ok(_launch(DDPM, digits_dir, run_dir, 2, **_deepspeed(3), **{

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, make_id_shards, run_cli, tiny_overrides
-from pipeline import config as config_module, digits_quality as dq
+from pipeline import config as config_module
+from pipeline import digits_quality as dq
 from pipeline.data import resolve_shards
 from pipeline.distributed import Processes
 from pipeline.errors import UserError

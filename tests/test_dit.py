@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import config as config_module, models
+from pipeline import config as config_module
+from pipeline import models
 from pipeline.models.diffusion import DiffusionConfig, DiffusionModel
 from pipeline.models.dit import DIT_SIZES, DiT, sincos_position_table
 

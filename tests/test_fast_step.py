@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, tiny_overrides
-from pipeline import checkpoint, config as config_module, faults, models, optim
+from pipeline import checkpoint, faults, models, optim
+from pipeline import config as config_module
 from pipeline.models.unet import UNet
 
 TINY = "configs/tiny/ddpm.yaml"

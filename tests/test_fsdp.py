@@ -70,7 +70,9 @@ def test_losses_match_ddp_and_the_nan_step_is_skipped(fsdp_run, ddp_run):
     assert fsdp[STEPS]["bad_steps_total"] == 1
     manifest = json.loads((checkpoint.checkpoints_dir(fsdp_run) / f"step-{STEPS:09d}" / "manifest.json").read_text())
     assert manifest["strategy"] == "fsdp"
-    trainer_state = json.loads((checkpoint.checkpoints_dir(fsdp_run) / f"step-{STEPS:09d}" / "trainer.json").read_text())
+    trainer_state = json.loads(
+        (checkpoint.checkpoints_dir(fsdp_run) / f"step-{STEPS:09d}" / "trainer.json").read_text()
+    )
     assert trainer_state["optimizer_step"] == STEPS - 1  # the skipped step left AdamW's count alone
 
 
@@ -112,7 +114,10 @@ def test_bf16_ema_averages_the_fp32_shards(digits_dir, tmp_path):
                                             "train.mixed_precision": "bf16", "train.ema_halflife_images": 1e-9,
                                             "train.ema_rampup_ratio": "null"}, **FSDP)
     step_dir = checkpoint.checkpoints_dir(run_dir) / "step-000000002"
-    model, ema = load_file(step_dir / "model.rank-00000.safetensors"), load_file(step_dir / "ema.rank-00000.safetensors")
+    model, ema = (
+        load_file(step_dir / "model.rank-00000.safetensors"),
+        load_file(step_dir / "ema.rank-00000.safetensors"),
+    )
     assert all(tensor.dtype == torch.float32 for tensor in [*model.values(), *ema.values()])
     assert all(torch.equal(model[name], ema[name]) for name in model)
     changed = [name for name, tensor in model.items() if not torch.equal(tensor, tensor.bfloat16().float())]
@@ -133,9 +138,18 @@ def test_every_family_trains_under_per_block_sharding(config, digits_dir, tmp_pa
 
 def test_another_strategys_checkpoint_and_fp16_are_refused(fsdp_run, digits_dir):
     overrides = tiny_overrides(digits_dir, fsdp_run, **{"train.max_steps": STEPS + 1})
-    result = run_cli("launch", "local", str(REPO / "configs" / "tiny" / "ddpm.yaml"), *overrides,
-                     "model.base_channels=8", "model.norm_groups=4", "model.channel_mult=[1,2]",
-                     "model.attention_resolutions=[16]", "data.batch_size=16", "train.grad_accum=2")  # same global batch
+    result = run_cli(
+        "launch",
+        "local",
+        str(REPO / "configs" / "tiny" / "ddpm.yaml"),
+        *overrides,
+        "model.base_channels=8",
+        "model.norm_groups=4",
+        "model.channel_mult=[1,2]",
+        "model.attention_resolutions=[16]",
+        "data.batch_size=16",
+        "train.grad_accum=2",
+    )  # same global batch
     assert result.returncode == 2, result.stderr[-3000:]
     assert "was written under FSDP2, this config trains under ddp" in result.stderr
     assert "Traceback" not in result.stderr

@@ -179,9 +179,10 @@ def test_a_long_sample_grid_is_not_a_hang(digits_dir, tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_a_hung_slurm_job_is_requeued(digits_dir, tmp_path):
+    import subprocess
+
     from launch import slurm as slurm_launch
     from tests.test_slurm import CLUSTER_SCRIPT, events, job_id_of, logs, run_launch, tiny
-    import subprocess
 
     if subprocess.run([str(CLUSTER_SCRIPT), "status"], capture_output=True).returncode != 0:
         pytest.skip("the test Slurm cluster is not up (scripts/slurm_cluster.sh start)")

@@ -173,7 +173,8 @@ def test_one_line_errors(latents, tmp_path):
     import shutil
 
     from data_prep.cli import main as data_prep_main
-    from pipeline import config as config_module, models
+    from pipeline import config as config_module
+    from pipeline import models
     from pipeline.data import resolve_shards
     from pipeline.errors import UserError
     from pipeline.latents import check_latent_data

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_peer_shards import NUM_SHARDS, PER_SHARD, make_img2dataset_dir
 
 from conftest import make_id_shards
 from pipeline.data import FetchPolicy, TrainingBatches, eval_batches, resolve_shards
 from pipeline.errors import UserError, one_line
 from pipeline.shard_io import opened_shards
-from test_peer_shards import NUM_SHARDS, PER_SHARD, make_img2dataset_dir
 
 FAST_RETRY = FetchPolicy(prefetch=1, attempts=4, backoff_s=0.01)
 ID_SHARDS, ID_PER_SHARD, ID_SIZE = 6, 5, 8

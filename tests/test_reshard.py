@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_peer_shards import NUM_SHARDS, TOTAL, colour, jpeg, make_img2dataset_dir, write_tar
 
 from conftest import make_id_shards, run_cli
 from data_prep.cli import main
 from pipeline.data import TrainingBatches, resolve_shards
 from pipeline.manifest import read_manifest
-from test_peer_shards import NUM_SHARDS, TOTAL, colour, jpeg, make_img2dataset_dir, write_tar
 
 
 def read_split(directory: Path) -> dict[str, dict[str, bytes]]:

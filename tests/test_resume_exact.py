@@ -69,7 +69,9 @@ class Job:
         }
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = run_dir.parent / f"{run_dir.name}-launch-{len(list(run_dir.parent.glob(run_dir.name + '-launch-*')))}.log"
+        self.log_path = (
+            run_dir.parent / f"{run_dir.name}-launch-{len(list(run_dir.parent.glob(run_dir.name + '-launch-*')))}.log"
+        )
         base = {k: v for k, v in os.environ.items() if not k.startswith("GENPIPE_")}
         full_env = {**base, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.log = open(self.log_path, "w")
@@ -287,7 +289,7 @@ def test_sigterm_at_random_moments_resumes_bit_exact(digits, reference, tmp_path
         target = rng.randint(low, low + 8)
         delay = round(rng.uniform(0.0, 0.5), 2)
         job = Job(digits, run_dir, env=faults.env(hold_after_step=target + 1))
-        job.wait_until(lambda: job.logged_step() >= target, f"step {target}")
+        job.wait_until(lambda job=job, target=target: job.logged_step() >= target, f"step {target}")
         time.sleep(delay)
         job.terminate()
         code = job.wait()

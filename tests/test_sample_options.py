@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import config as config_module, models
+from pipeline import config as config_module
+from pipeline import models
 from pipeline.errors import UserError
 
 

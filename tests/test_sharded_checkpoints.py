@@ -207,7 +207,9 @@ def test_n_to_m_and_back_resumes_everything(strategy, digits_dir, tmp_path):
     assert {f"optimizer.rank-{r:05d}.safetensors" for r in (0, 1)} <= set(manifest["files"])
     if strategy in ("zero3", "fsdp"):
         _own_pieces_only(two, 2)
-        assert {f"{part}.rank-{r:05d}.safetensors" for part in ("model", "ema") for r in (0, 1)} <= set(manifest["files"])
+        assert {f"{part}.rank-{r:05d}.safetensors" for part in ("model", "ema") for r in (0, 1)} <= set(
+            manifest["files"]
+        )
     else:  # ZeRO-1/2 modules hold whole weights anyway: weights and EMA stay whole files
         assert "model.rank-00000.safetensors" not in manifest["files"]
 

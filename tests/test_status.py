@@ -13,7 +13,8 @@ import torch
 
 from conftest import REPO, run_cli
 from launch import slurm_queries, status
-from pipeline import checkpoint, config as config_module, images
+from pipeline import checkpoint, images
+from pipeline import config as config_module
 from pipeline.errors import UserError
 
 START = 1_700_000_000.0

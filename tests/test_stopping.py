@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
+from test_train_e2e import TINY, Launch, overrides
 
 from conftest import run_cli
-from pipeline import checkpoint, config as config_module, faults, models, preemption
-from test_train_e2e import TINY, Launch, overrides
+from pipeline import checkpoint, faults, models, preemption
+from pipeline import config as config_module
 
 EXIT_PREEMPTED = 75
 

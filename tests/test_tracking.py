@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_e2e import read_jsonl, stop_and_resume, wandb_logs
 
 from conftest import run_cli
-from test_train_e2e import read_jsonl, stop_and_resume, wandb_logs
 
 FAKE_API_KEY = "f4k3" + "0123456789abcdef" * 2 + "cafe"  # 40 characters, like a real key
 FID_EVERY = 10

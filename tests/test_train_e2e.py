@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli, tiny_overrides
-from pipeline import checkpoint, config as config_module, faults
+from pipeline import checkpoint, faults
+from pipeline import config as config_module
 
 pytestmark = pytest.mark.slow
 

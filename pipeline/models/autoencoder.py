@@ -55,7 +55,7 @@ class AutoencoderConfig(StrictModel):
     """Self-attention at the lowest resolution (LDM's mid block); off for CPU-sized models."""
 
     @model_validator(mode="after")
-    def _groups_divide(self) -> "AutoencoderConfig":
+    def _groups_divide(self) -> AutoencoderConfig:
         for multiplier in self.channel_mult:
             if (self.base_channels * multiplier) % self.norm_groups:
                 raise ValueError(f"norm_groups {self.norm_groups} does not divide the "

@@ -43,7 +43,8 @@ computation.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -128,7 +129,7 @@ class GenerativeModel(nn.Module, abc.ABC):
         """The classes 0..num_classes-1 in turn, [count] int64: every class equally often."""
         return torch.arange(count, device=device) % self.num_classes
 
-    def held_out_estimator(self, images: int | None, **options) -> "HeldOutEstimator":
+    def held_out_estimator(self, images: int | None, **options) -> HeldOutEstimator:
         """bits_per_dim for the batches of one held-out pass over ``images`` images (None when
         unknown); the default calls ``bits_per_dim(x, labels=labels, **options)``."""
         return HeldOutEstimator(self, dict(options))

@@ -22,7 +22,8 @@ Timesteps are 0-indexed: t in {0, ..., T-1} here is the paper's t in {1, ..., T}
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -162,7 +163,7 @@ class DiffusionConfig(StrictModel):
     """Timesteps K per image of the Monte-Carlo estimates (at most T - 1 are used)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "DiffusionConfig":
+    def _check(self) -> DiffusionConfig:
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"channel_mult must be a non-empty list of positive integers, "
                              f"got {list(self.channel_mult)}")
@@ -212,7 +213,7 @@ def check_sampler(objective: str, sampler: str, what: str = "sampler") -> None:
                          f"objective samples with 'ddpm' or 'ddim'")
 
 
-def check_guidance(config: "DiffusionConfig", guidance: float | None) -> None:
+def check_guidance(config: DiffusionConfig, guidance: float | None) -> None:
     """ValueError when classifier-free guidance at ``guidance`` is not possible for this model."""
     if guidance is None or guidance == 1.0:
         return

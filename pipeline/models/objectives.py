@@ -29,7 +29,8 @@ All randomness (timesteps, noise) comes from torch's generator of x0's device, a
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 

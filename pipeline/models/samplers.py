@@ -23,7 +23,7 @@ trajectory (Grathwohl et al. 2019, FFJORD, sec. 3.1): one vector-Jacobian produc
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

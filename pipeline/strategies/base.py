@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn

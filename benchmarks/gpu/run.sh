@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md, made on the lent H100 through the device tool, one part
+# The GPU figures of docs/benchmarks.md, made on the lent NVIDIA GPU (an H200 in this project) through the device tool, one part
 # per call (each well under its 10-minute limit; 30 device minutes a session in all):
 #   here, once:        benchmarks/gpu/fetch_wheels.sh
 #   device run:        command="benchmarks/gpu/run.sh PART", carry=[".whl"]
@@ -15,6 +15,14 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 part=${1:?usage: benchmarks/gpu/run.sh check|train-cifar32|train-256|train-256-b32|deepspeed|sampling|loader}
 out=${OUT:-/tmp/gpu-out}
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "run.sh: no NVIDIA GPU here (nvidia-smi finds none); run it on the GPU machine (device tool)" >&2
+    exit 2
+fi
+if ! compgen -G ".whl/*.whl" >/dev/null; then
+    echo "run.sh: no wheels in .whl/; run benchmarks/gpu/fetch_wheels.sh first and carry .whl" >&2
+    exit 2
+fi
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1

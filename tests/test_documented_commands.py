@@ -1,0 +1,314 @@
+"""Every command shown in README.md and docs/*.md runs, exactly as written, on this kind of machine.
+
+The commands are read from the documents themselves (tests/documented_commands.py), so a command
+added to a document without an entry in `SPECS` below fails `test_every_documented_command_has_a_spec`
+until someone decides how it is checked here. Each document's commands run in the order shown, in
+one sandbox: a copy of the repository (tracked and untracked-but-not-ignored files), installed
+editable into its own virtual environment (``--system-site-packages``, so nothing is downloaded
+but the build backend), with a home directory holding ``~/photos`` and ``~/cifar10`` (generated
+images) for the documents' ``data-prep images`` examples. The real checkout and its environment
+are never touched.
+
+To keep the suite short, a spec may *append* arguments to the command: later ``key=value``
+overrides and later options win (every `launch`/`data-prep` subcommand takes options and
+overrides in any order, issue 12), so ``train.max_steps=2`` after the documented line trains two
+steps of exactly the documented job. Nothing is removed or rewritten from what the document shows.
+Commands that cannot do their work on a CPU machine (the GPU benchmarks, a 256×256 job on the
+1-CPU test cluster) are run too, and must fail the way the documents promise: fast, one line,
+nothing submitted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.documented_commands import DOCUMENTS, Command, all_commands, commands_in
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
+
+# Appended to training commands: two steps of the documented job, a checkpoint at the end, a
+# 4-image grid, no W&B (offline runs are tested elsewhere); every other setting as documented.
+TRAIN = ("train.max_steps=2 train.log_every_steps=1 checkpoint.every_steps=2 sample.every_steps=0 "
+         "sample.n=4 eval.every_steps=0 eval.max_images=8 wandb.mode=disabled data.num_workers=0")
+# The 256×256 and CIFAR-10 networks, shrunk so that two CPU steps take seconds.
+SMALL_UNET = "model.base_channels=32 data.batch_size=2 sample.options.steps=2"
+SAMPLE = "--n 4 steps=2"  # a 4-image grid, 2 sampling steps (last option and override win)
+
+
+@dataclass(frozen=True)
+class Spec:
+    append: str = ""
+    """Arguments appended to the documented line (later ones win)."""
+    returncode: int = 0
+    expect: str | None = None
+    """A regular expression the command's output must contain."""
+    before: str | None = None
+    """A shell line run first (a prerequisite the document states in words)."""
+    skip: str | None = None
+    """Why the command is not run here: only for the test suite itself."""
+    slurm: bool = False
+    timeout: int = 600
+    env: dict = field(default_factory=dict)
+
+
+ONE_LINE_REFUSAL = r"launch: error: [^\n]*nothing submitted"
+
+SPECS: dict[str, Spec] = {
+    # README.md
+    "scripts/quickstart.sh": Spec(append=TRAIN, expect=r"quickstart: samples in runs/tiny_ddpm/grid.png"),
+    "scripts/test.sh": Spec(skip="the test suite itself (CI runs it: .ci/run)"),
+    "data-prep digits data/digits": Spec(),
+    # Shards of 8 photographs, so that docs/deepspeed.md's 8 processes each read their own.
+    "data-prep images ~/photos data/photos --size 256 --holdout 0.01": Spec(append="--samples-per-shard 8"),
+    # 100 images here, not CIFAR-10's 60,000: small shards, so that each of 2 processes has one.
+    "data-prep images ~/cifar10 data/cifar10 --size 32 --holdout 0.02": Spec(append="--samples-per-shard 8"),
+    "data-prep verify data/photos": Spec(expect="ok"),
+    "data-prep reshard data/digits/train data/digits16 --size 16 --mode L": Spec(),
+    "launch local configs/tiny/ddpm.yaml": Spec(append=TRAIN),
+    "launch local configs/ddpm_cifar32.yaml --nproc 2 train.lr=1e-4 run_dir=runs/x": Spec(append=f"{TRAIN} {SMALL_UNET}"),
+    "launch sample runs/x --n 64 --out grid.png --seed 0": Spec(append=SAMPLE),
+    "launch sample runs/x sampler=ddim steps=50 --out ddim.png": Spec(append=SAMPLE),
+    "launch local configs/tiny/cond_ddpm.yaml": Spec(append=TRAIN),
+    "launch sample runs/tiny_cond_ddpm --classes 0,1,2 --n 8 --out classes.png guidance=3": Spec(append="--n 2 steps=2"),
+    # docs/benchmarks.md
+    "python benchmarks/checkpoint_io.py configs/ddpm_cifar32.yaml --repeats 4": Spec(append="--repeats 1"),
+    "python benchmarks/checkpoint_io.py configs/ddpm_cifar32.yaml --repeats 5": Spec(append="--repeats 1"),
+    "rm -rf data/digits runs/tiny_ddpm; time OMP_NUM_THREADS=1 scripts/quickstart.sh": Spec(append=TRAIN),
+    "OMP_NUM_THREADS=1 python benchmarks/loader.py --images 2000 --workers 0,1,2 --batch 32":
+        Spec(append="--images 64 --workers 0,1 --measure-images 64 --impl ours"),
+    "OMP_NUM_THREADS=1 python benchmarks/loader.py --images 2000 --workers 0,1,2 --batch 32 --measure-images 4096":
+        Spec(append="--images 64 --workers 0 --measure-images 64 --impl ours"),
+    "OMP_NUM_THREADS=1 python benchmarks/loader.py --images 2000 --workers 0,1 --batch 32 --measure-images 4096":
+        Spec(append="--images 64 --workers 0 --measure-images 64 --impl ours"),
+    "OMP_NUM_THREADS=1 python benchmarks/loader.py --images 2000 --workers 0,1 --batch 32 --measure-images 4096 "
+    "--stored-size 512": Spec(append="--images 64 --workers 0 --measure-images 64 --impl ours"),
+    "python -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset": Spec(timeout=900),
+    "OMP_NUM_THREADS=1 python benchmarks/prep_throughput.py --images 2000 --img2dataset /tmp/i2d/bin/img2dataset":
+        Spec(append="--images 16 --samples-per-shard 8"),
+    # the 337M-parameter model needs ~40 GB over its six jobs: the same benchmark on the tiny DDPM
+    "python benchmarks/sharding_memory.py --strategies zero3,fsdp --out docs/benchmarks/sharding_memory_cpu.jsonl":
+        Spec(append="--tiny --nprocs 2", expect='"strategy": "fsdp", "nproc": 2'),
+    "benchmarks/gpu/run.sh check": Spec(returncode=2, expect="run.sh: no NVIDIA GPU here"),
+    "benchmarks/gpu/run.sh train-cifar32": Spec(returncode=2, expect="run.sh: no NVIDIA GPU here"),
+    "benchmarks/gpu/run.sh train-256": Spec(returncode=2, expect="run.sh: no NVIDIA GPU here"),
+    # docs/data.md
+    "data-prep reshard data/digits/train data/digits16 --size 16 --mode L --holdout 0.1": Spec(before="rm -rf data/digits16"),
+    "data-prep verify data/digits16": Spec(expect="ok"),
+    # docs/deepspeed.md: eight processes of the 256×256 job, its network shrunk
+    "launch local --nproc 8 configs/ddpm_256.yaml distributed.strategy=deepspeed "
+    "deepspeed.config_file=configs/deepspeed/zero2.json":
+        Spec(append=f"{TRAIN} {SMALL_UNET} data.image_size=64 data.batch_size=1",
+             before="[ -d data/photos ] || data-prep images ~/photos data/photos --size 256 --holdout 0.01 "
+                    "--samples-per-shard 8"),
+    "launch export runs/ddpm_256 --out ddpm_256.safetensors": Spec(),
+    "launch sample ddpm_256.safetensors sampler=ddim steps=50 --n 16 --out grid.png": Spec(append=SAMPLE),
+    # docs/families.md
+    "launch local configs/tiny/vae.yaml": Spec(append=TRAIN),
+    "launch eval runs/tiny_vae": Spec(append="--max-images 8", expect='"bits_per_dim"'),
+    "launch eval runs/tiny_vae --iwae-samples 16 --max-images 128": Spec(append="--max-images 8"),
+    "launch eval runs/tiny_pixelcnn --nproc 2":
+        Spec(append="--max-images 4", before=f"launch local configs/tiny/pixelcnn.yaml {TRAIN} sample.at_end=false"),
+    "launch eval runs/tiny_ddpm --estimator exact --max-images 16":
+        Spec(append="--max-images 1", before=f"launch local configs/tiny/ddpm.yaml {TRAIN} model.timesteps=20"),
+    "launch sample runs/tiny_flow temperature=0.7 --n 64 --out flow.png":
+        Spec(append="--n 4", before=f"launch local configs/tiny/flow.yaml {TRAIN}"),
+    "launch sample runs/tiny_ddpm sampler=ddim steps=50 --n 64 --out ddpm.png": Spec(append=SAMPLE),
+    "OMP_NUM_THREADS=1 launch local configs/tiny/ddpm.yaml run_dir=runs/dq/tiny_ddpm wandb.mode=disabled":
+        Spec(append=TRAIN),
+    "OMP_NUM_THREADS=1 launch eval runs/dq/tiny_ddpm --sample-quality 1000 --max-images 2 --batch-size 250":
+        Spec(append="--sample-quality 8"),
+    "python -m pipeline.digits_quality data/digits": Spec(expect="held-out"),
+    "OMP_NUM_THREADS=2 launch local configs/tiny/ddpm.yaml run_dir=runs/bound train.max_steps=200 wandb.mode=disabled":
+        Spec(append=TRAIN),
+    # docs/conditional.md: each run trained 2 steps, measured on one image per class at one scale
+    "time OMP_NUM_THREADS=1 launch local configs/tiny/cond_ddpm.yaml wandb.mode=disabled": Spec(append=TRAIN),
+    "time OMP_NUM_THREADS=1 launch local configs/tiny/vpred.yaml wandb.mode=disabled": Spec(append=TRAIN),
+    "time OMP_NUM_THREADS=1 launch local configs/tiny/flow_matching.yaml wandb.mode=disabled": Spec(append=TRAIN),
+    "time OMP_NUM_THREADS=1 launch local configs/tiny/dit.yaml wandb.mode=disabled": Spec(append=TRAIN),
+    "OMP_NUM_THREADS=1 python benchmarks/class_accuracy.py runs/tiny_cond_ddpm --scales 0,1,2,3,5":
+        Spec(append="--per-class 1 --scales 1"),
+    "OMP_NUM_THREADS=1 python benchmarks/class_accuracy.py runs/tiny_cond_ddpm eta=0 --scales 0,1,2,3,5":
+        Spec(append="--per-class 1 --scales 1"),
+    "OMP_NUM_THREADS=1 python benchmarks/class_accuracy.py runs/tiny_vpred --scales 0,1,2,3,5":
+        Spec(append="--per-class 1 --scales 1"),
+    "OMP_NUM_THREADS=1 python benchmarks/class_accuracy.py runs/tiny_vpred eta=1 --scales 1,3":
+        Spec(append="--per-class 1 --scales 1"),
+    "OMP_NUM_THREADS=1 python benchmarks/class_accuracy.py runs/tiny_flow_matching --scales 0,1,2,3,5":
+        Spec(append="--per-class 1 --scales 1"),
+    "OMP_NUM_THREADS=1 python benchmarks/class_accuracy.py runs/tiny_dit --scales 0,1,2,3,5":
+        Spec(append="--per-class 1 --scales 1"),
+    "OMP_NUM_THREADS=1 launch eval runs/tiny_cond_ddpm --sample-quality 64 --no-progress":
+        Spec(append="--sample-quality 8 --max-images 8"),
+    "OMP_NUM_THREADS=1 launch eval runs/tiny_vpred --sample-quality 64 --no-progress":
+        Spec(append="--sample-quality 8 --max-images 8"),
+    "OMP_NUM_THREADS=1 launch eval runs/tiny_flow_matching --sample-quality 64 --no-progress":
+        Spec(append="--sample-quality 8 --max-images 8"),
+    "OMP_NUM_THREADS=1 launch eval runs/tiny_dit --sample-quality 64 --no-progress":
+        Spec(append="--sample-quality 8 --max-images 8"),
+    # docs/latent.md
+    "launch local configs/latent/tiny_autoencoder.yaml": Spec(append=TRAIN),
+    "launch eval runs/tiny_autoencoder": Spec(append="--max-images 8", expect='"psnr"'),
+    "data-prep latents runs/tiny_autoencoder data/digits data/digits_latents --workers 2": Spec(),
+    "launch local configs/latent/tiny_ldm.yaml": Spec(append=TRAIN),
+    "launch sample runs/tiny_ldm --classes 0,1,2 --n 8 --out ldm.png": Spec(append="--n 2 steps=2"),
+    "launch eval runs/tiny_ldm --sample-quality 64": Spec(append="--sample-quality 8 --max-images 4"),
+    "OMP_NUM_THREADS=1 python benchmarks/latent_cost.py flops configs/ldm_256.yaml configs/ddpm_256.yaml "
+    "configs/latent/autoencoder_f8_256.yaml": Spec(),
+    "OMP_NUM_THREADS=1 python benchmarks/latent_cost.py loader --images 512 --workers 0,1":
+        Spec(append="--images 32 --workers 0 --measure-images 32"),
+    # docs/monitoring.md
+    "launch local configs/tiny/ddpm.yaml run_dir=runs/tiny_status model.timesteps=200 eval.every_steps=60 "
+    "eval.max_images=8 sample.n=36 wandb.mode=disabled": Spec(append=f"{TRAIN} eval.every_steps=2 eval.max_images=2"),
+    "launch status runs/tiny_status --plot docs/status_tiny.png": Spec(expect="step"),
+    # docs/slurm.md, on the test cluster (two 1-CPU nodes, no GPUs): the 256×256 job cannot be
+    # placed there, and says so in one line without submitting; --dry-run prints its script.
+    "launch slurm configs/ddpm_256.yaml": Spec(slurm=True, returncode=2, expect=ONE_LINE_REFUSAL),
+    "launch slurm configs/ddpm_256.yaml slurm.nodes=2 --wait": Spec(slurm=True, returncode=2, expect=ONE_LINE_REFUSAL),
+    "launch slurm configs/ddpm_256.yaml --dry-run": Spec(slurm=True, expect="#SBATCH"),
+    "launch status runs/ddpm_256": Spec(slurm=True, returncode=2, expect=r"launch: error: runs/ddpm_256"),
+    "launch cancel runs/ddpm_256": Spec(slurm=True, returncode=2, expect=r"launch: error: runs/ddpm_256"),
+    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2": Spec(slurm=True, returncode=2),
+    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 slurm.cpus_per_task=1 slurm.partition=gpu":
+        Spec(slurm=True, returncode=2),
+    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 data.num_workers=0 --no-partition-check --wait":
+        Spec(slurm=True, returncode=2),
+    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 slurm.cpus_per_task=1 data.num_workers=0 "
+    "'slurm.extra_sbatch={hold: true}'": Spec(slurm=True, before="rm -rf runs/tiny_ddpm"),
+    "launch status runs/tiny_ddpm": Spec(slurm=True, expect="JobHeldUser"),
+    "launch cancel runs/tiny_ddpm": Spec(slurm=True),
+    "scripts/slurm_cluster.sh start": Spec(slurm=True),
+    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 slurm.cpus_per_task=1 data.num_workers=0 --wait":
+        Spec(slurm=True, append=TRAIN, before="rm -rf runs/tiny_ddpm"),
+    "python -m pytest tests/test_slurm.py -m slurm -s": Spec(skip="part of the test suite itself"),
+}
+
+
+def spec_of(command: Command) -> Spec | None:
+    return SPECS.get(command.text)
+
+
+def test_every_documented_command_has_a_spec():
+    missing = [f"{c.document}:{c.line}: {c.text}" for c in all_commands() if spec_of(c) is None]
+    assert not missing, ("documented commands with no entry in SPECS (decide how each is run here; a "
+                         "synopsis that is not meant to run goes in a ```text block):\n" + "\n".join(missing))
+
+
+def test_skips_are_only_for_the_suite_itself():
+    assert {text for text, spec in SPECS.items() if spec.skip} == {"scripts/test.sh",
+                                                                     "python -m pytest tests/test_slurm.py -m slurm -s"}
+
+
+def test_no_spec_is_left_over():
+    shown = {c.text for c in all_commands()}
+    assert not [text for text in SPECS if text not in shown]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sandbox
+
+
+def _images(directory: Path, count: int, size: tuple[int, int] | None, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        width, height = size or (int(rng.integers(64, 320)), int(rng.integers(64, 320)))
+        y, x = np.mgrid[0:height, 0:width]
+        colour = rng.uniform(0, 255, 3)
+        pixels = (colour * (0.5 + 0.5 * np.sin(x / rng.uniform(4, 30))[..., None]
+                            * np.cos(y / rng.uniform(4, 30))[..., None])).clip(0, 255).astype(np.uint8)
+        suffix = ".jpg" if index % 2 else ".png"
+        Image.fromarray(pixels).save(directory / f"img{index:03d}{suffix}")
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    root = tmp_path_factory.mktemp("documented")
+    repo, home = root / "repo", root / "home"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source = REPO / name
+        if source.is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, repo / name)
+    # The documents' 1-2 % holdouts (a stable hash of each name) keep 2 of these 300 photographs
+    # and 1 of these 100 CIFAR-sized images for the test split.
+    _images(home / "photos", 300, None, seed=0)
+    _images(home / "cifar10", 100, (32, 32), seed=1)
+    venv = root / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                    "--no-deps", "-e", str(repo)], check=True)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    env.pop("GENPIPE_FAULTS", None)
+    return repo, env
+
+
+def _normalised(text: str) -> str:
+    return re.sub(r"\d+", "N", text.strip())
+
+
+def _run(command: Command, spec: Spec, repo: Path, env: dict) -> None:
+    where = f"{command.document}:{command.line}: {command.text}"
+    if spec.before:
+        done = subprocess.run(["bash", "-c", spec.before], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=spec.timeout)
+        assert done.returncode == 0, f"{where}\nprerequisite `{spec.before}` failed:\n{done.stdout}{done.stderr}"
+    line = f"{command.text} {spec.append}".strip()
+    try:
+        done = subprocess.run(["bash", "-c", line], cwd=repo, env={**env, **spec.env}, capture_output=True,
+                              text=True, timeout=spec.timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{where}\nstill running after {spec.timeout}s: {line}\n{exc.stdout or ''}{exc.stderr or ''}")
+    output = done.stdout + done.stderr
+    tail = "\n".join(output.splitlines()[-30:])
+    assert done.returncode == spec.returncode, (
+        f"{where}\nran: {line}\nexit status {done.returncode}, expected {spec.returncode}\n{tail}")
+    if spec.expect:
+        assert re.search(spec.expect, output), f"{where}\nran: {line}\nno match for {spec.expect!r} in:\n{tail}"
+    if spec.returncode:
+        # One line says what is wrong, last, and no traceback.
+        assert done.stderr.strip() and "Traceback" not in output, f"{where}\nnot a one-line error:\n{tail}"
+    # What the document shows as this command's own error line is what it prints (numbers aside).
+    for shown in command.output:
+        if shown.startswith("launch: error:"):
+            assert _normalised(shown) in {_normalised(text) for text in output.splitlines()}, (
+                f"{where}\nthe document shows\n  {shown}\nbut it printed\n{tail}")
+
+
+def _cluster_up() -> bool:
+    return subprocess.run([str(CLUSTER_SCRIPT), "status"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_documented_commands_run_as_written(document, sandbox):
+    repo, env = sandbox
+    commands = commands_in(document)
+    if not commands:
+        pytest.skip(f"{document} shows no commands")
+    specs = [(command, spec_of(command)) for command in commands]
+    assert all(spec is not None for _, spec in specs), "see test_every_documented_command_has_a_spec"
+    if any(spec.slurm for _, spec in specs) and not _cluster_up():
+        if os.environ.get("CI"):
+            pytest.fail("the test Slurm cluster is not up (scripts/slurm_cluster.sh start)")
+        pytest.skip("the test Slurm cluster is not up (scripts/slurm_cluster.sh start)")
+    if not (repo / "data" / "digits" / "train" / "manifest.json").exists():
+        subprocess.run(["data-prep", "digits", "data/digits"], cwd=repo, env=env, check=True, capture_output=True)
+    for command, spec in specs:
+        if spec.skip:
+            continue
+        _run(command, spec, repo, env)

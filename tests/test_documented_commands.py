@@ -120,7 +120,9 @@ SPECS: dict[str, Spec] = {
     "launch eval runs/tiny_pixelcnn --nproc 2":
         Spec(append="--max-images 4", before=f"launch local configs/tiny/pixelcnn.yaml {TRAIN} sample.at_end=false"),
     "launch eval runs/tiny_ddpm --estimator exact --max-images 16":
-        Spec(append="--max-images 1", before=f"launch local configs/tiny/ddpm.yaml {TRAIN} model.timesteps=20"),
+        Spec(append="--max-images 1",  # T = 20, so that the exact sum is 20 terms
+             before=f"rm -rf runs/tiny_ddpm && launch local configs/tiny/ddpm.yaml {TRAIN} model.timesteps=20 "
+                    "model.sample_steps=10"),
     "launch sample runs/tiny_flow temperature=0.7 --n 64 --out flow.png":
         Spec(append="--n 4", before=f"launch local configs/tiny/flow.yaml {TRAIN}"),
     "launch sample runs/tiny_ddpm sampler=ddim steps=50 --n 64 --out ddpm.png": Spec(append=SAMPLE),
@@ -176,7 +178,9 @@ SPECS: dict[str, Spec] = {
     "launch slurm configs/ddpm_256.yaml": Spec(slurm=True, returncode=2, expect=ONE_LINE_REFUSAL),
     "launch slurm configs/ddpm_256.yaml slurm.nodes=2 --wait": Spec(slurm=True, returncode=2, expect=ONE_LINE_REFUSAL),
     "launch slurm configs/ddpm_256.yaml --dry-run": Spec(slurm=True, expect="#SBATCH"),
-    "launch status runs/ddpm_256": Spec(slurm=True, returncode=2, expect=r"launch: error: runs/ddpm_256"),
+    # (docs/deepspeed.md's run, in this sandbox, wrote runs/ddpm_256: here no job was submitted)
+    "launch status runs/ddpm_256": Spec(slurm=True, returncode=2, expect=r"launch: error: runs/ddpm_256",
+                                        before="rm -rf runs/ddpm_256"),
     "launch cancel runs/ddpm_256": Spec(slurm=True, returncode=2, expect=r"launch: error: runs/ddpm_256"),
     "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2": Spec(slurm=True, returncode=2),
     "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 slurm.cpus_per_task=1 slurm.partition=gpu":

@@ -109,8 +109,10 @@ class Strategy(abc.ABC):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    @abc.abstractmethod
-    def set_learning_rate(self, lr: float) -> None: ...
+    def set_learning_rate(self, lr: float) -> None:
+        """Every strategy's optimizer (torch's, or DeepSpeed's around one) has param_groups."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     @abc.abstractmethod
     def forward_backward(self, batch: torch.Tensor, last_micro: bool, make_nan: bool) -> tuple[torch.Tensor, dict]:

@@ -55,10 +55,6 @@ class DDPStrategy(Strategy):
         if trainer_state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(trainer_state["scaler"])
 
-    def set_learning_rate(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def forward_backward(self, batch, last_micro: bool, make_nan: bool, labels=None):
         watchdog.entered_step()
         no_sync = getattr(self.ddp_module, "no_sync", None)

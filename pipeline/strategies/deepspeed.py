@@ -93,10 +93,6 @@ class DeepSpeedStrategy(ShardedStrategy):
 
     # -- the step -------------------------------------------------------------------------------
 
-    def set_learning_rate(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def forward_backward(self, batch, last_micro: bool, make_nan: bool, labels=None):
         watchdog.entered_step()
         with self.autocast():

@@ -148,10 +148,6 @@ class FSDPStrategy(ShardedStrategy):
 
     # -- the step -------------------------------------------------------------------------------
 
-    def set_learning_rate(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def forward_backward(self, batch, last_micro: bool, make_nan: bool, labels=None):
         watchdog.entered_step()
         with self.autocast():

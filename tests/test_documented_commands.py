@@ -185,15 +185,17 @@ SPECS: dict[str, Spec] = {
     "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2": Spec(slurm=True, returncode=2),
     "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 slurm.cpus_per_task=1 slurm.partition=gpu":
         Spec(slurm=True, returncode=2),
-    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 data.num_workers=0 --no-partition-check --wait":
+    # (runs/slurm_tiny, not the quickstart's runs/tiny_ddpm: a 1-process run cannot resume on 2)
+    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 data.num_workers=0 run_dir=runs/slurm_tiny --no-partition-check "
+    "--wait":
         Spec(slurm=True, returncode=2),
-    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 slurm.cpus_per_task=1 data.num_workers=0 "
-    "'slurm.extra_sbatch={hold: true}'": Spec(slurm=True, before="rm -rf runs/tiny_ddpm"),
-    "launch status runs/tiny_ddpm": Spec(slurm=True, expect="JobHeldUser"),
-    "launch cancel runs/tiny_ddpm": Spec(slurm=True),
+    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 slurm.cpus_per_task=1 data.num_workers=0 run_dir=runs/slurm_tiny "
+    "'slurm.extra_sbatch={hold: true}'": Spec(slurm=True),
+    "launch status runs/slurm_tiny": Spec(slurm=True, expect="JobHeldUser"),
+    "launch cancel runs/slurm_tiny": Spec(slurm=True),
     "scripts/slurm_cluster.sh start": Spec(slurm=True),
-    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 slurm.cpus_per_task=1 data.num_workers=0 --wait":
-        Spec(slurm=True, append=TRAIN, before="rm -rf runs/tiny_ddpm"),
+    "launch slurm configs/tiny/ddpm.yaml slurm.nodes=2 slurm.cpus_per_task=1 data.num_workers=0 run_dir=runs/slurm_tiny "
+    "--wait": Spec(slurm=True, append=TRAIN),
     "python -m pytest tests/test_slurm.py -m slurm -s": Spec(skip="part of the test suite itself"),
 }
 

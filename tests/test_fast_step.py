@@ -25,6 +25,7 @@ SMALL = {
     "model.norm_groups": 4,
     "model.channel_mult": "[1,2]",
     "model.attention_resolutions": "[16]",
+    "data.image_size": 32,  # (the config trains at 8: attention at 16 needs 32)
     "model.sample_steps": 3,
     "data.batch_size": 8,
     "data.shuffle_buffer": 64,

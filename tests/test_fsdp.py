@@ -147,6 +147,7 @@ def test_another_strategys_checkpoint_and_fp16_are_refused(fsdp_run, digits_dir)
         "model.norm_groups=4",
         "model.channel_mult=[1,2]",
         "model.attention_resolutions=[16]",
+        "data.image_size=32",
         "data.batch_size=16",
         "train.grad_accum=2",
     )  # same global batch

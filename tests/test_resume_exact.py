@@ -36,6 +36,7 @@ SHRUNK = {
     "model.norm_groups": 4,
     "model.channel_mult": "[1,2]",
     "model.attention_resolutions": "[16]",
+    "data.image_size": 32,  # (the config trains at 8: attention at 16 needs 32)
     "model.sample_steps": 2,
     "train.max_steps": MAX_STEPS,
     "train.warmup_steps": 4,

@@ -28,6 +28,7 @@ from pipeline import config as config_module
 pytestmark = pytest.mark.slow
 
 TINY = "configs/tiny/ddpm.yaml"
+SIZE = config_module.load(TINY).data.image_size  # of the grid's tiles
 EXIT_PREEMPTED = 75
 FAST = {
     "model.base_channels": 8,
@@ -238,7 +239,7 @@ def test_single_process_run_writes_its_run_directory(trained_run):
     assert [p.name for p in samples] == ["step-000000020.png"]
     with Image.open(samples[0]) as image:
         image.load()
-        assert image.mode == "L" and image.size[0] > 32
+        assert image.mode == "L" and image.size[0] > SIZE
 
     end = rank_records(run_dir, 0, "end")[-1]
     assert end["step"] == 20 and end["exit_code"] == 0
@@ -273,7 +274,7 @@ def test_sample_is_reproducible_per_seed(trained_run, tmp_path):
         with Image.open(out) as image:
             image.load()
             # 16 images of 32 px in a 4 × 4 grid with 2 px padding
-            assert image.size == (4 * 34 + 2, 4 * 34 + 2)
+            assert image.size == (4 * (SIZE + 2) + 2, 4 * (SIZE + 2) + 2)
     assert outputs["a"] == outputs["b"]
     assert outputs["a"] != outputs["c"]
     assert outputs["raw"] != outputs["a"]  # the EMA weights differ from the raw ones

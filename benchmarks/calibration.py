@@ -34,6 +34,9 @@ Rows are printed and appended as JSON lines to ``--out`` (default
 docs/benchmarks/calibration_cpu.jsonl); the table in docs/benchmarks.md comes from them::
 
     python benchmarks/calibration.py                       # all four families, ~40 CPU minutes
+    # docs/benchmarks.md's table: the two halves at once, one core each
+    python benchmarks/calibration.py --families pixelcnn,vae --oracle-images 0
+    python benchmarks/calibration.py --families flow,diffusion --oracle-images 128
     python benchmarks/calibration.py --families flow --runs /tmp/cal_runs
     python benchmarks/calibration.py --runs /tmp/smoke --oracle-images 16 --out /tmp/smoke.jsonl \
         train.max_steps=10 checkpoint.every_steps=10 eval.every_steps=0     # a smoke run

@@ -44,6 +44,7 @@ TRAIN = ("train.max_steps=2 train.log_every_steps=1 checkpoint.every_steps=2 sam
 # The 256×256 and CIFAR-10 networks, shrunk so that two CPU steps take seconds.
 SMALL_UNET = "model.base_channels=32 data.batch_size=2 sample.options.steps=2"
 SAMPLE = "--n 4 steps=2"  # a 4-image grid, 2 sampling steps (last option and override win)
+CALIBRATION = "train.max_steps=2 checkpoint.every_steps=2 data.num_workers=0"  # benchmarks/calibration.py
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,15 @@ SPECS: dict[str, Spec] = {
     "launch local configs/tiny/ddpm.yaml run_dir=runs/tiny_status model.timesteps=200 eval.every_steps=60 "
     "eval.max_images=8 sample.n=36 wandb.mode=disabled": Spec(append=f"{TRAIN} eval.every_steps=2 eval.max_images=2"),
     "launch status runs/tiny_status --plot docs/status_tiny.png": Spec(expect="step"),
+    # The calibration benchmark writes its 16×16 data here (~40 CPU s), then trains one family
+    # for 2 steps and evaluates it; the diffusion half with a 4-channel network and a 2-image floor.
+    "python benchmarks/calibration.py --families pixelcnn,vae --oracle-images 0":
+        Spec(append=f"--families vae --runs runs/calibration_a --out runs/calibration_a.jsonl {CALIBRATION}",
+             expect=r"\| vae \| 2 \|"),
+    "python benchmarks/calibration.py --families flow,diffusion --oracle-images 128":
+        Spec(append=f"--families diffusion --oracle-images 2 --runs runs/calibration_b --out runs/calibration_b.jsonl "
+                    f"{CALIBRATION} model.base_channels=4 model.norm_groups=2",
+             expect=r"diffusion floor \(Bayes-optimal ε, T = 4000\)"),
     # docs/slurm.md, on the test cluster (two 1-CPU nodes, no GPUs): the 256×256 job cannot be
     # placed there, and says so in one line without submitting; --dry-run prints its script.
     "launch slurm configs/ddpm_256.yaml": Spec(slurm=True, returncode=2, expect=ONE_LINE_REFUSAL),

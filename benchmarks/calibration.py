@@ -33,7 +33,7 @@ looseness and what training left.
 Rows are printed and appended as JSON lines to ``--out`` (default
 docs/benchmarks/calibration_cpu.jsonl); the table in docs/benchmarks.md comes from them::
 
-    python benchmarks/calibration.py                       # all four families, ~40 CPU minutes
+    python benchmarks/calibration.py                       # all four families, ~37 CPU minutes
     # docs/benchmarks.md's table: the two halves at once, one core each
     python benchmarks/calibration.py --families pixelcnn,vae --oracle-images 0
     python benchmarks/calibration.py --families flow,diffusion --oracle-images 128

@@ -182,7 +182,7 @@ def test_a_hung_slurm_job_is_requeued(digits_dir, tmp_path):
     import subprocess
 
     from launch import slurm as slurm_launch
-    from tests.test_slurm import CLUSTER_SCRIPT, events, job_id_of, logs, run_launch, tiny
+    from tests.test_slurm import CLUSTER_SCRIPT, events, job_id_of, logs, run_launch, start_requeued_job, tiny
 
     if subprocess.run([str(CLUSTER_SCRIPT), "status"], capture_output=True).returncode != 0:
         pytest.skip("the test Slurm cluster is not up (scripts/slurm_cluster.sh start)")
@@ -193,10 +193,10 @@ def test_a_hung_slurm_job_is_requeued(digits_dir, tmp_path):
     assert submitted.returncode == 0, submitted.stderr
     job_id = job_id_of(run_dir)
     deadline = time.monotonic() + 240
-    while True:  # a requeued job waits for its begin time; let it start now
+    while True:  # a requeued job waits for its begin time; let it start (two seconds on)
         fields = slurm_launch.job_state(job_id)
         if fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            start_requeued_job(job_id)
             break
         assert time.monotonic() < deadline, f"not requeued: {fields}\n{logs(run_dir)}"
         time.sleep(0.3)

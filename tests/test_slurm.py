@@ -381,6 +381,19 @@ def _job_fields(job_id: str) -> dict[str, str]:
     return slurm_launch.job_state(job_id)
 
 
+# Slurm holds a requeued job ~2 minutes before its begin time; the tests move it forward, but
+# not at once: slurmd revokes the old run's credential at the (whole) second it kills it and
+# refuses any credential created in that same second ("Killing non-startable batch JobId=N: Job
+# credential revoked", and the job ends FAILED). Slurm kills the old run before it marks the job
+# PENDING again, so two seconds after that are always past it. (`StartTime=now+2` would be the
+# same, but a future begin time waits for Slurm's next periodic scheduling pass, up to a minute;
+# `StartTime=now` schedules at once.)
+def start_requeued_job(job_id: str) -> None:
+    """Let a job seen PENDING after its requeue start now rather than at Slurm's begin time."""
+    time.sleep(2.0)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_usr2_requeues_and_resumes_every_step_once(slurm_cluster, digits, tmp_path):
@@ -398,13 +411,13 @@ def test_usr2_requeues_and_resumes_every_step_once(slurm_cluster, digits, tmp_pa
     signalled_at = time.time()
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
-    # A requeued job waits ~2 minutes for its begin time; let it start now.
+    # A requeued job waits ~2 minutes for its begin time; let it start (two seconds on).
     deadline = time.monotonic() + 90
     while True:
         fields = _job_fields(job_id)
         if fields.get("JobState") == "PENDING" and fields.get("Restarts", "0") != "0":
             pending_seen_at = time.time()
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            start_requeued_job(job_id)
             break
         assert fields.get("JobState") in slurm_launch.ACTIVE_STATES, f"{fields}\n{logs(run_dir)}"
         assert time.monotonic() < deadline, f"not requeued: {fields}\n{logs(run_dir)}"
@@ -431,7 +444,7 @@ def test_usr2_requeues_and_resumes_every_step_once(slurm_cluster, digits, tmp_pa
     timeline = {
         "saved_and_stopped": stopped[0]["time"] - signalled_at,
         "requeued": requeued[0]["time"] - signalled_at,
-        "pending_again (test sets StartTime=now)": pending_seen_at - signalled_at,
+        "pending_again (test sets StartTime=now 2 s later)": pending_seen_at - signalled_at,
         "job_restarted": starts[1]["time"] - signalled_at,
         "first_resumed_step": first_resumed["time"] - signalled_at,
     }

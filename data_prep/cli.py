@@ -160,6 +160,16 @@ def _report(manifest, directory: Path) -> None:
           f"shard{'s' if count != 1 else ''} -> {directory}")
 
 
+def _warn_empty_holdout(manifests: dict, holdout: float) -> None:
+    """A --holdout that put no sample in the test split: said on stderr (the train split is
+    still good), since held-out evaluation on that split would find nothing to score."""
+    test = manifests.get("test")
+    if test is not None and test.num_samples == 0:
+        total = sum(m.num_samples for m in manifests.values())
+        print(f"data-prep: warning: --holdout {holdout:g} put none of the {total} samples in the "
+              f"test split (it is empty); raise --holdout for a held-out set", file=sys.stderr)
+
+
 def run_digits(args: argparse.Namespace) -> int:
     splits = ["train"] + (["test"] if args.test_fraction > 0 else [])
     if not args.overwrite and all((Path(args.out) / split / "manifest.json").is_file() for split in splits):
@@ -271,6 +281,7 @@ def run_images(args: argparse.Namespace) -> int:
             pool.join()
     for split in splits:
         _report(manifests[split], finals[split])
+    _warn_empty_holdout(manifests, args.holdout)
     if class_names:
         counts = ", ".join(f"{name} {sum(m.class_counts[label] for m in manifests.values())}"
                            for label, name in enumerate(class_names))
@@ -389,6 +400,7 @@ def run_reshard(args: argparse.Namespace) -> int:
             pool.join()
     for split in splits:
         _report(manifests[split], finals[split])
+    _warn_empty_holdout(manifests, args.holdout)
     _report_skipped({split: (manifests[split], finals[split]) for split in splits})
     return 0
 

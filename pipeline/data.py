@@ -321,7 +321,8 @@ def plan_layout(
             raise UserError(
                 f"data.canonical_partitions: this run's data stream has {saved} canonical partitions "
                 f"(fixed when it started), which {world_size} processes cannot share evenly; resume on a "
-                f"process count that divides {saved} ({', '.join(map(str, _divisors(saved)))})"
+                f"process count that divides {saved} ({', '.join(map(str, _divisors(saved)))}), or start "
+                "a new run in another run_dir"
             )
         raise UserError(
             f"data.canonical_partitions: {partitions} is not a multiple of the {world_size} processes "
@@ -502,7 +503,8 @@ def resume_problem(saved_partitions: int, saved_world_size: int, images_seen: in
     if saved_partitions % world_size:
         return (f"this run's data stream has {saved_partitions} canonical partitions (fixed when it "
                 f"started), which {world_size} processes cannot share evenly; resume on a process "
-                f"count that divides {saved_partitions} ({', '.join(map(str, _divisors(saved_partitions)))})")
+                f"count that divides {saved_partitions} ({', '.join(map(str, _divisors(saved_partitions)))}), "
+                "or start a new run in another run_dir")
     if step and images_seen % step == 0:
         old = images_seen // step
         new = None if grad_accum is None else batch_size * world_size * grad_accum

@@ -404,6 +404,25 @@ def test_overwrite_removes_a_stale_test_split(tree, tmp_path):
     assert [d.name for d in find_split_dirs(out)] == ["train"] and not (out / "test").exists()
 
 
+def test_a_holdout_that_holds_out_nothing_is_said(tree, tmp_path, capsys):
+    src, _ = tree
+    out = tmp_path / "out"
+    assert main(["images", str(src), str(out), "--size", "8", "--workers", "1", "--holdout", "1e-9"]) == 0
+    captured = capsys.readouterr()
+    assert "test: 0 samples in 0 shards" in captured.out
+    line = next(line for line in captured.err.splitlines() if "warning" in line)
+    train = read_manifest(out / "train").num_samples
+    assert line == (f"data-prep: warning: --holdout 1e-09 put none of the {train} samples in the test "
+                    "split (it is empty); raise --holdout for a held-out set")
+    assert main(["reshard", str(out / "train"), str(tmp_path / "re"), "--size", "8", "--workers", "1",
+                 "--holdout", "1e-9"]) == 0
+    assert f"put none of the {train} samples" in capsys.readouterr().err
+    # a holdout that holds some out says nothing
+    assert main(["images", str(src), str(tmp_path / "half"), "--size", "8", "--workers", "1",
+                 "--holdout", "0.5"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 # --- verify -------------------------------------------------------------------------------------
 
 

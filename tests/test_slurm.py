@@ -17,6 +17,7 @@ a job that only waits (held) shows why and is followed to its end.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -615,6 +616,12 @@ def test_a_held_job_shows_why_it_waits_and_is_not_cancelled(slurm_cluster, digit
     cancelled = run_launch("cancel", str(run_dir))
     assert cancelled.returncode == 0, cancelled.stderr
     assert jobs_named(run_dir.name, "PENDING,RUNNING") == []
+    # Cancelled before it ran: Slurm's ExitCode is 0:0, which is no exit status to show.
+    followed = io.StringIO()
+    assert slurm_launch.wait(run_dir, job_id, poll_s=0.5, out=followed) == 1
+    assert followed.getvalue().splitlines()[-1].startswith(f"job {job_id} ended CANCELLED; logs: ")
+    status = run_launch("status", str(run_dir))
+    assert f"job:         {job_id} (CANCELLED; requeued 0x)" in status.stdout.splitlines(), status.stdout
 
 
 @pytest.mark.slurm

@@ -117,6 +117,11 @@ def test_a_job_launch_cancelled_says_why(tmp_path):
     lines = status.job_lines(run_dir, job, slurm_queries.parse_record(cancelled))
     assert field(lines, "reason") == ("PartitionConfig, could never start: slurm.cpus_per_task=8 but ... "
                                       "(cancelled by `launch slurm`)")
+    assert field(lines, "job") == "4242 (CANCELLED; requeued 0x)"  # it never ran: no exit status
+    signalled = cancelled.replace("ExitCode=0:0", "ExitCode=0:15")
+    assert "ExitCode=0:15" in signalled
+    assert field(status.job_lines(run_dir, job, slurm_queries.parse_record(signalled)), "job") == \
+        "4242 (CANCELLED, exit status 143; requeued 0x)"
     assert field(status.job_lines(run_dir, job, {}), "job") == "4242 (unknown (no longer known to Slurm); requeued 0x)"
 
 

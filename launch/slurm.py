@@ -309,9 +309,8 @@ def wait(run_dir: Path, job_id: str, poll_s: float = 10.0, out: TextIO = sys.std
             code = exit_status(info)
             if state == "COMPLETED":
                 return code
-            # A job cancelled before it ran has ExitCode 0:0; this command still exits 1.
-            status = f" (exit status {code})" if code or state != "CANCELLED" else ""
-            print(f"job {job_id} ended {state}{status}; logs: "
+            ended = queries.ended_status_text(info)  # "" if cancelled before it ran: still exits 1
+            print(f"job {job_id} ended {state}{f' ({ended})' if ended else ''}; logs: "
                   f"{_run_dir_slurm(run_dir)}/{job_id}_*_log.err", file=out, flush=True)
             return code or 1
         time.sleep(poll_s)

@@ -102,6 +102,13 @@ def exit_status(info: dict[str, str]) -> int:
         return 1
 
 
+def ended_status_text(info: dict[str, str]) -> str:
+    """``exit status N`` for a job that has ended, "" for one cancelled before it ran (Slurm says
+    ExitCode 0:0 then: nothing exited, so there is no status to show)."""
+    code = exit_status(info)
+    return "" if code == 0 and info.get("JobState") == "CANCELLED" else f"exit status {code}"
+
+
 def hostnames(nodelist: str) -> list[str]:
     """A Slurm node list expanded (``gpu[003-004],x`` -> gpu003 gpu004 x), as scontrol says."""
     result = run(["scontrol", "show", "hostnames", nodelist])

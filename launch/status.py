@@ -133,10 +133,8 @@ def job_lines(run_dir: Path, job: dict[str, Any], info: dict[str, str]) -> list[
     job_id = str(job["job_id"])
     state = info.get("JobState", "unknown (no longer known to Slurm)")
     if info.get("JobState") and info["JobState"] not in queries.ACTIVE_STATES:
-        code = queries.exit_status(info)
-        # A job cancelled before it ran has ExitCode 0:0: nothing exited, no status to show.
-        if code or info["JobState"] != "CANCELLED":
-            state += f", exit status {code}"
+        ended = queries.ended_status_text(info)
+        state += f", {ended}" if ended else ""
     requeues = queries.read_requeues(run_dir, job_id)
     lines = [_line("job", f"{job_id} ({state}; requeued {requeues}x)")]
     if info.get("JobState") == "PENDING":

@@ -286,6 +286,13 @@ def _divisors(number: int) -> list[int]:
     return [d for d in range(1, number + 1) if number % d == 0]
 
 
+def _unshared_partitions(saved: int, world_size: int) -> str:
+    """Why `world_size` processes cannot resume a run whose stream has `saved` partitions."""
+    return (f"this run's data stream has {saved} canonical partitions (fixed when it started), which "
+            f"{world_size} processes cannot share evenly; resume on a process count that divides "
+            f"{saved} ({', '.join(map(str, _divisors(saved)))}), or train into a new run_dir")
+
+
 def plan_layout(
     num_shards: int, world_size: int, rank: int, num_workers: int, batch_size: int, *,
     configured: int | None = None, saved: int | None = None,
@@ -318,12 +325,7 @@ def plan_layout(
         )
     if partitions % world_size:
         if saved:
-            raise UserError(
-                f"data.canonical_partitions: this run's data stream has {saved} canonical partitions "
-                f"(fixed when it started), which {world_size} processes cannot share evenly; resume on a "
-                f"process count that divides {saved} ({', '.join(map(str, _divisors(saved)))}), or start "
-                "a new run in another run_dir"
-            )
+            raise UserError(f"data.canonical_partitions: {_unshared_partitions(saved, world_size)}")
         raise UserError(
             f"data.canonical_partitions: {partitions} is not a multiple of the {world_size} processes "
             "(each process reads canonical_partitions / processes of them)"
@@ -501,10 +503,7 @@ def resume_problem(saved_partitions: int, saved_world_size: int, images_seen: in
     if world_size == saved_world_size:
         return None
     if saved_partitions % world_size:
-        return (f"this run's data stream has {saved_partitions} canonical partitions (fixed when it "
-                f"started), which {world_size} processes cannot share evenly; resume on a process "
-                f"count that divides {saved_partitions} ({', '.join(map(str, _divisors(saved_partitions)))}), "
-                "or start a new run in another run_dir")
+        return _unshared_partitions(saved_partitions, world_size)
     if step and images_seen % step == 0:
         old = images_seen // step
         new = None if grad_accum is None else batch_size * world_size * grad_accum

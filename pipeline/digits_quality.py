@@ -63,6 +63,7 @@ from torch import nn
 
 from pipeline import fid
 from pipeline.errors import UserError
+from pipeline.manifest import DIGITS_CLASSIFIER
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ SURE = 0.5
 """An image counts as a prediction of its top class only when that class has at least this
 probability (more than all the others together); below it the image is "unsure": the argmax of a
 near-uniform prediction (junk, by outlier exposure) names no class."""
-CLASSIFIER_FILE = "digits_classifier.safetensors"
+CLASSIFIER_FILE = DIGITS_CLASSIFIER
 LUMINANCE = (0.299, 0.587, 0.114)
 """ITU-R 601 luma weights, the ones PIL uses to convert RGB to "L"."""
 NEEDS_LABELS = "the digits sample-quality measure needs the labelled shards that `data-prep digits` writes"
@@ -327,10 +328,12 @@ def write_classifier(split_dir: str | os.PathLike, recipe: Recipe = RECIPE) -> P
 def class_scores(log_probabilities: np.ndarray) -> dict:
     """IS, confidence and class coverage of [N, 10] class log-probabilities (unprefixed keys)."""
     log_p = np.asarray(log_probabilities, dtype=np.float64)
+    log_p = log_p - np.logaddexp.reduce(log_p, axis=1, keepdims=True)  # rows that sum to 1 exactly
     p = np.exp(log_p)
-    p /= p.sum(1, keepdims=True)
     log_marginal = np.log(np.maximum(p.mean(0), 1e-300))
-    divergence = (p * (log_p - log_marginal)).sum(1)
+    # Each KL(p(y|x) ‖ p(y)) is ≥ 0; rounding can leave a term at -1e-9 (IS just under 1 for an
+    # untrained model's samples), so each is clamped, and IS is at least 1 as defined.
+    divergence = np.maximum((p * (log_p - log_marginal)).sum(1), 0.0)
     sure = p.max(1) >= SURE
     histogram = np.bincount(p.argmax(1)[sure], minlength=NUM_CLASSES)
     present = histogram[histogram > 0] / len(p)  # shares of all images: unsure ones add nothing

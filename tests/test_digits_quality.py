@@ -157,6 +157,18 @@ def test_class_scores_by_hand():
     assert skewed["classes_covered"] == 2 and skewed["class_histogram"][:3] == [97, 2, 1]
 
 
+def test_inception_score_is_never_below_one():
+    # An untrained model's samples: every image gets nearly the same prediction, and the mean KL
+    # rounds to about -1e-9 unless each term is kept at 0 or above (IS >= 1 by definition).
+    rng = np.random.default_rng(0)
+    row = np.log(rng.dirichlet(np.ones(10)))
+    for scale in (0.0, 1e-12, 1e-9):
+        log_probabilities = row + scale * rng.standard_normal((64, 10))
+        assert dq.class_scores(log_probabilities)["is"] >= 1.0
+    unnormalised = np.full((64, 10), np.log(0.1)) + 1e-9  # rows that sum to just over 1
+    assert dq.class_scores(unnormalised)["is"] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_cache_is_written_atomically_and_keyed_by_recipe_and_shards(digits_dir, tmp_path):
     import shutil
 

@@ -760,8 +760,16 @@ class TrainingBatches:
         return _as_batch(batch)
 
     def close(self) -> None:
-        # Shut the workers down now rather than at garbage collection.
-        self._iterator = None
+        """Shut the data workers down now, while their queues are intact.
+
+        Left to garbage collection after a worker's error (the exception's traceback holds the
+        iterator in a reference cycle), the queues can be finalised before the iterator, the
+        workers never receive their stop message, and each is waited for 5 s, then killed.
+        """
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
 
 
 def _interleaved(tensors: list[torch.Tensor], places: list[range], pin: bool) -> torch.Tensor:

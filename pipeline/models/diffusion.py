@@ -238,9 +238,9 @@ def beta_schedule(name: str, timesteps: int, beta_start: float = 1e-4, beta_end:
         beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), 0.999) (Nichol & Dhariwal 2021, eq. 17).
     """
     if name == "linear":
-        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64, device="cpu")
     if name == "cosine":
-        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        steps = torch.arange(timesteps + 1, dtype=torch.float64, device="cpu") / timesteps
         f = torch.cos((steps + cosine_offset) / (1 + cosine_offset) * math.pi / 2) ** 2
         alpha_bar = f / f[0]
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)

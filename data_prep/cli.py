@@ -34,7 +34,7 @@ from data_prep.writer import Sample, ShardWriter, StagedOutput, finish_split, wr
 from pipeline import cliargs
 from pipeline.decode import IMAGE_MEMBERS
 from pipeline.errors import UserError
-from pipeline.manifest import MANIFEST_NAME
+from pipeline.manifest import MANIFEST_NAME, read_manifest
 
 
 def _int_at_least(minimum: int):
@@ -181,7 +181,8 @@ def run_digits(args: argparse.Namespace) -> int:
             split: write_split(samples[split], output.path(split), split=split,
                                image_size=args.size, channels=1, encoding="png",
                                samples_per_shard=args.samples_per_shard,
-                               source=sources.DIGITS_SOURCE, num_classes=10)
+                               source=sources.digits_source(args.size, args.test_fraction, args.seed),
+                               num_classes=10)
             for split in splits
         }
         # The classifier of the digits sample-quality measure, trained on the train split only.
@@ -199,23 +200,51 @@ def run_digits(args: argparse.Namespace) -> int:
 
 
 def _digits_again(args: argparse.Namespace, splits: list[str]) -> int:
-    """``data-prep digits OUT`` where OUT already holds digits: the embedded data are deterministic,
-    so they are made again aside and compared shard by shard; the same shards are "already
-    prepared" (exit 0, nothing touched), different ones are refused as any existing output is."""
+    """``data-prep digits OUT`` where OUT already holds digits: the same digits are "already
+    prepared" (exit 0, nothing touched); digits of other options are refused as any existing
+    output is, and so are damaged ones (the shards no longer match their manifest).
+
+    The manifests record the options that decide every byte (size, test fraction and seed in
+    ``source``, the shard size in the shards), so this takes milliseconds. Digits written before
+    the options were recorded are made again aside (the embedded data are deterministic) and
+    compared shard by shard."""
     import tempfile
 
+    from data_prep.verify import verify_split
+
     out = Path(args.out)
-    with tempfile.TemporaryDirectory(prefix=".digits-check-", dir=out) as scratch:
-        fresh = argparse.Namespace(**{**vars(args), "out": scratch, "overwrite": True})
-        with contextlib.redirect_stdout(io.StringIO()):
-            run_digits(fresh)
-        same = all(_shard_hashes(out / split) == _shard_hashes(Path(scratch) / split) for split in splits)
+    for split in splits:
+        problems = verify_split(out / split, decode=False)
+        if problems:
+            raise UserError(f"{problems[0]} (pass --overwrite to make the digits again)")
+    same = _same_options(out, splits, args)
+    if same is None:
+        with tempfile.TemporaryDirectory(prefix=".digits-check-", dir=out) as scratch:
+            fresh = argparse.Namespace(**{**vars(args), "out": scratch, "overwrite": True})
+            with contextlib.redirect_stdout(io.StringIO()):
+                run_digits(fresh)
+            same = all(_shard_hashes(out / split) == _shard_hashes(Path(scratch) / split) for split in splits)
     if not same:
         raise UserError(f"{out / splits[0]}: output split already exists and is not empty, with other digits "
                         f"than these options make (pass --overwrite to replace it)")
     for split in splits:
         print(f"{split}: already prepared, the same shards -> {out / split}")
     return 0
+
+
+def _same_options(out: Path, splits: list[str], args: argparse.Namespace) -> bool | None:
+    """Whether the manifests of OUT record these options (None: they record none, as before the
+    options were recorded, or the classifier is missing)."""
+    from pipeline.manifest import DIGITS_CLASSIFIER
+
+    expected = sources.digits_source(args.size, args.test_fraction, args.seed)
+    for split in splits:
+        manifest = read_manifest(out / split)
+        if manifest.source != expected:
+            return False if manifest.source.startswith(sources.DIGITS_SOURCE + " (") else None
+        if manifest.shards[0].num_samples != min(args.samples_per_shard, manifest.num_samples):
+            return False
+    return True if (out / "train" / DIGITS_CLASSIFIER).is_file() else None
 
 
 def _shard_hashes(directory: Path) -> list[tuple[str, str]]:

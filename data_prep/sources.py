@@ -23,6 +23,12 @@ from data_prep.writer import Sample, encode_image
 from pipeline.decode import reduce_on_decode, resize_crop, to_8bit
 
 DIGITS_SOURCE = "sklearn.datasets.load_digits"
+
+
+def digits_source(size: int, test_fraction: float, seed: int) -> str:
+    """The manifests' ``source`` of `data-prep digits`: the data set and the options that decide
+    every byte of its splits (what lets a second run into the same directory cost nothing)."""
+    return f"{DIGITS_SOURCE} (size={size}, test_fraction={test_fraction:g}, seed={seed})"
 PREP_RESAMPLE = Image.Resampling.LANCZOS  # shards are written once: the sharpest filter
 
 # Extensions Pillow reads without extra packages; GIF and APNG give their first frame.

@@ -19,6 +19,9 @@ from pipeline.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "genpipe-shards/1"
+DIGITS_CLASSIFIER = "digits_classifier.safetensors"
+"""Beside the shards of `data-prep digits`' train split: the sample-quality classifier
+(pipeline/digits_quality.py), trained on that split."""
 ENCODINGS = ("png", "jpg", "webp")
 CHANNELS = (1, 3)
 KEYS = ("index", "source")

@@ -260,6 +260,37 @@ def test_digits_again_into_the_same_directory_is_already_prepared(digits_copy, c
     assert "with other digits than these options make" in capsys.readouterr().err and shas(digits_copy) == before
 
 
+def test_digits_again_is_decided_from_the_manifests_without_making_them_again(digits_out, digits_copy, capsys,
+                                                                            monkeypatch):
+    # What the manifests record (the options in `source`, the shards' hashes) decides at once.
+    def made_again(*args, **kwargs):
+        raise AssertionError("the digits were made again")
+
+    monkeypatch.setattr(sources, "digits_splits", made_again)
+    assert main(["digits", str(digits_copy)]) == 0
+    assert "test: already prepared" in capsys.readouterr().out
+    assert main(["digits", str(digits_copy), "--seed", "1"]) == 2
+    assert main(["digits", str(digits_copy), "--samples-per-shard", "50"]) == 2
+    assert capsys.readouterr().err.count("with other digits than these options make") == 2
+    monkeypatch.undo()
+
+    # A damaged shard, or manifests that do not record the options (digits of an older version),
+    # are compared the slow way: the digits are made again aside.
+    victim = digits_copy / "train" / "shard-000003.tar"
+    data = bytearray(victim.read_bytes())
+    data[2000:2010] = bytes(255 - b for b in data[2000:2010])  # inside the first image's bytes
+    victim.write_bytes(bytes(data))
+    assert main(["digits", str(digits_copy)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(victim) in error and "sha256" in error and "--overwrite" in error
+    shutil.copy(digits_out / "train" / victim.name, victim)
+    for split in ("train", "test"):
+        path = digits_copy / split / "manifest.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "source": sources.DIGITS_SOURCE}))
+    assert main(["digits", str(digits_copy)]) == 0
+    assert "train: already prepared" in capsys.readouterr().out
+
+
 def test_digits_no_test_split(tmp_path):
     out = tmp_path / "out"
     assert main(["digits", str(out), "--size", "8", "--test-fraction", "0",

@@ -11,6 +11,30 @@ PYTHON=${PYTHON:-python3}
 extra=""
 [ "${1:-}" = "--dev" ] && extra="[dev]"
 
+# Already installed from this checkout (editable), every requirement met: nothing to download
+# or build, so nothing is run (pip would take ~10 s to find that out).
+if "$PYTHON" - "$PWD" "$extra" >/dev/null 2>&1 <<'CHECK'
+import importlib.metadata as metadata, json, sys, tomllib
+from pathlib import Path
+from packaging.requirements import Requirement
+
+root, extra = Path(sys.argv[1]), sys.argv[2]
+project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+here = {"url": root.resolve().as_uri(), "dir_info": {"editable": True}}
+ours = next(d for d in metadata.distributions(name=project["name"])
+            if json.loads(d.read_text("direct_url.json") or "{}") == here)
+assert ours.version == project["version"] and {e.name for e in ours.entry_points} >= set(project["scripts"])
+wanted = project["dependencies"] + (project["optional-dependencies"]["dev"] + ["torchvision"] if extra else [])
+for text in wanted:
+    requirement = Requirement(text)
+    if requirement.marker is None or requirement.marker.evaluate():
+        assert requirement.specifier.contains(metadata.version(requirement.name), prereleases=True), text
+CHECK
+then
+    echo "install: genpipe${extra} already installed from $PWD, every requirement met"
+    exit 0
+fi
+
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     echo "install: no torch found; installing torch==2.13.0"
     "$PYTHON" -m pip install --quiet "torch==2.13.0"

@@ -160,7 +160,7 @@ class Trainer:
                     break
             if exit_code == 0:
                 self.checkpointer.save(final=True)
-                if self.grid.due_at_end(progress.step) and not self.grid.write(progress.step):
+                if self.grid.due_at_end(progress.step) and not self._aside(self.grid.write, progress.step):
                     exit_code = preemption.EXIT_PREEMPTED
         finally:
             if bar is not None:
@@ -172,16 +172,25 @@ class Trainer:
         """Evaluation, grid and checkpoint when due; the throughput clock skips their time."""
         busy = False
         if self.evaluation.due(step):
-            self._log({"step": step, "images_seen": self.progress.images_seen, **self.evaluation.run()})
+            self._log({"step": step, "images_seen": self.progress.images_seen, **self._aside(self.evaluation.run)})
             busy = True
         if self.grid.due(step):
-            self.grid.write(step)
+            self._aside(self.grid.write, step)
             busy = True
         if self.checkpointer.due(step):
             self.checkpointer.save()
             busy = True
         if busy:
             self.window.restart_clock()
+
+    def _aside(self, work, *args):
+        """``work(*args)`` with the training's random number stream left as it was: evaluations,
+        grids, FID and the FLOP count draw numbers too (a DataLoader iterator takes a seed from the
+        global generator, layers initialise), and a resumed run, which does them at other points
+        of its stream, would otherwise not train as the uninterrupted run did."""
+        device = self.processes.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return work(*args)
 
     def _log_training(self, step: int) -> None:
         means = self.window.reduce(self.processes)
@@ -199,15 +208,15 @@ class Trainer:
         if record["bad_steps"]:
             log.warning("skipped %d step(s) with a non-finite loss or gradient in the last %d (%d in this run)",
                         record["bad_steps"], steps, record["bad_steps_total"])
-        record.update(self.throughput.fields(record["images_per_s"]))
+        record.update(self._aside(self.throughput.fields, record["images_per_s"]))
         self._log(record)
         self.window.check_health(self.config.train.max_bad_steps, step, self.run_dir.newest_checkpoint_name())
 
     def _log(self, record: dict) -> None:
         if self.fid.due(record):  # collective: every rank logs the same records
-            record = {**record, **self.fid.run()}
+            record = {**record, **self._aside(self.fid.run)}
         if self.sample_quality.due(record):  # collective, as FID
-            record = {**record, **self.sample_quality.run()}
+            record = {**record, **self._aside(self.sample_quality.run)}
         self.sink.log(record)
 
     # -- set-up and tear-down -------------------------------------------------------------------

@@ -1,4 +1,11 @@
-"""Shared fixtures: digits shards made once per test session, and run helpers."""
+"""Shared fixtures: digits shards made once per test session, and run helpers; the two tiers.
+
+The quick tier (``scripts/test.sh``, ``pytest --tier quick``) runs every test not marked ``slow``
+and the slow ones marked ``quick``: at least one end-to-end test of each capability. The full
+tier (``scripts/test.sh --full``, plain ``pytest``) runs everything. Where the local Slurm
+cluster cannot run (``GENPIPE_NO_SLURM`` names why; scripts/test.sh sets it for a user who is
+not root), the tests marked ``slurm`` are left out and one line of the summary says so.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,50 @@ from pathlib import Path
 
 import pytest
 
+from runs import tiny_overrides  # noqa: F401  (the tests import it from here)
+
 REPO = Path(__file__).resolve().parent.parent
+NO_SLURM = "GENPIPE_NO_SLURM"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", choices=("quick", "full"), default="full",
+                     help="quick: the tests not marked slow, and the slow ones marked quick; full: every test "
+                          "(default)")
+
+
+def pytest_collection_modifyitems(config, items):
+    quick = config.getoption("--tier") == "quick"
+    no_slurm = os.environ.get(NO_SLURM)
+    kept, left_for_full, left_for_slurm = [], [], []
+    for item in items:
+        if no_slurm and item.get_closest_marker("slurm"):
+            left_for_slurm.append(item)
+        elif quick and item.get_closest_marker("slow") and not item.get_closest_marker("quick"):
+            left_for_full.append(item)
+        else:
+            kept.append(item)
+    if left_for_full or left_for_slurm:
+        config.hook.pytest_deselected(items=left_for_full + left_for_slurm)
+        items[:] = kept
+    config.stash[_LEFT_OUT] = (len(left_for_full), len(left_for_slurm), no_slurm)
+
+
+_LEFT_OUT = pytest.StashKey[tuple]()
+
+
+def pytest_report_header(config):
+    tier = config.getoption("--tier")
+    return f"tier: {tier}" + (" (scripts/test.sh --full runs every test)" if tier == "quick" else "")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    full_only, slurm, why = config.stash.get(_LEFT_OUT, (0, 0, None))
+    if full_only:
+        terminalreporter.write_line(f"quick tier: {full_only} slow tests left for the full tier "
+                                    f"(scripts/test.sh --full)")
+    if slurm:
+        terminalreporter.write_line(f"slurm: {slurm} tests that need the local Slurm cluster not run: {why}")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,20 +82,6 @@ def digits_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits") / "digits"
     assert data_prep_main(["digits", str(out)]) == 0
     return out
-
-
-def tiny_overrides(digits_dir: Path, run_dir: Path, **extra) -> list[str]:
-    """Overrides that make configs/tiny/*.yaml train for seconds on the test's digits."""
-    values = {
-        "run_dir": str(run_dir),
-        "data.shards": str(digits_dir / "train"),
-        "data.eval_shards": str(digits_dir / "test"),
-        "data.num_workers": 0,
-        "wandb.mode": "disabled",
-        "sample.n": 4,
-        **extra,
-    }
-    return [f"{key}={value}" for key, value in values.items()]
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
@@ -102,3 +138,22 @@ def make_id_shards(
         samples_per_shard=per_shard, source="synthetic",
     )
     return directory
+
+
+# --- the run bank (tests/runs.py): runs that many tests read, trained once per session ----------
+
+
+@pytest.fixture(scope="session")
+def resumed_run(digits_dir, tmp_path_factory) -> dict:
+    """The tiny DDPM stopped by SIGTERM after step 3 and relaunched to step 30, one process with a
+    data worker, W&B offline (a fake API key in the environment), MFU, grids and FID
+    (`runs.RESUMED`): `runs.stop_and_resume`'s outcome, with the launches' logs under
+    ``tmp_path``. Tests read it; one that changes it copies it first."""
+    from runs import FAKE_API_KEY, RESUMED, stop_and_resume
+
+    tmp_path = tmp_path_factory.mktemp("resumed")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_API_KEY", FAKE_API_KEY)
+        outcome = stop_and_resume(digits_dir, tmp_path, nproc=1, **RESUMED)
+    return {**outcome, "tmp_path": tmp_path}
+

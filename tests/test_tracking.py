@@ -1,44 +1,22 @@
-"""Monitoring end to end: one tiny DDPM run, stopped with SIGTERM and relaunched, with W&B
-offline, MFU against a stated peak, checkpoint artifacts, in-training FID/KID (stand-in feature
-network) and a fake W&B API key in the environment. Its offline transaction logs are read with
-tests/wandb_reader.py; then `launch eval --fid` and `launch status --plot` run on it. Also unit
-tests of the FLOP count behind MFU, the peak table, and the git commit in the run config."""
+"""Monitoring end to end: the run bank's tiny DDPM run (tests/conftest.py `resumed_run`), stopped
+with SIGTERM and relaunched, with W&B offline, MFU against a stated peak, checkpoint artifacts,
+in-training FID/KID (stand-in feature network) and a fake W&B API key in the environment. Its
+offline transaction logs are read with tests/wandb_reader.py; then `launch eval --fid` (on a copy)
+and `launch status --plot` run on it. Also unit tests of the FLOP count behind MFU, the peak
+table, and the git commit in the run config."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from test_train_e2e import read_jsonl, stop_and_resume, wandb_logs
 
 from conftest import run_cli
-
-FAKE_API_KEY = "f4k3" + "0123456789abcdef" * 2 + "cafe"  # 40 characters, like a real key
-FID_EVERY = 10
-EXTRA = {
-    "wandb.mode": "offline",
-    "wandb.peak_tflops": 0.05,
-    "wandb.log_checkpoints": "true",
-    "model.timesteps": 100,  # a cheaper variational bound for `launch eval`
-    "eval.fid_images": 40,
-    "eval.fid_every_steps": FID_EVERY,
-    "eval.fid_feature_network": "random_conv",
-    "sample.every_steps": 10,
-    "checkpoint.every_steps": 10,
-}
-
-
-@pytest.fixture(scope="module")
-def resumed_run(digits_dir, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("tracked")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WANDB_API_KEY", FAKE_API_KEY)
-        outcome = stop_and_resume(digits_dir, tmp_path, nproc=1, **EXTRA)
-    outcome["tmp_path"] = tmp_path
-    return outcome
+from runs import FAKE_API_KEY, assert_strictly_increasing, read_jsonl, wandb_logs
 
 
 def _run_config(path: Path) -> dict:
@@ -65,16 +43,28 @@ def test_one_wandb_run_continues_at_the_right_step(resumed_run):
 
     run_dir, stop_step = resumed_run["run_dir"], resumed_run["stop_step"]
     run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert re.fullmatch(r"[a-z0-9]{8}", run_id)
     logs = wandb_logs(run_dir)
-    assert len(logs) == 2 and {p.name for p in logs} == {f"run-{run_id}.wandb"}
+    assert len(logs) == 2 and {p.name for p in logs} == {f"run-{run_id}.wandb"}  # one per launch
     runs = [read_run(p) for p in logs]
     assert [r.run_id for r in runs] == [run_id, run_id]
     steps = [[row["step"] for row in r.history if "train/loss" in row] for r in runs]
     assert steps[0] == list(range(1, stop_step + 1)) and steps[1] == list(range(stop_step + 1, 31))
+    assert_strictly_increasing(steps[0] + steps[1])
     for run in runs:
         assert {"name": "*", "step_metric": "step"} in run.metric_definitions
         internal = [row["_step"] for row in run.history]
         assert internal == sorted(internal) and len(set(internal)) == len(internal)
+        for row in run.history:
+            if "train/loss" in row:
+                assert isinstance(row["train/loss"], float) and isinstance(row["step"], int)
+
+    # The W&B history holds the same losses as metrics.jsonl.
+    metrics = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+    for run in runs:
+        for row in run.history:
+            if "train/loss" in row:
+                assert row["train/loss"] == pytest.approx(metrics[row["step"]])
 
 
 @pytest.mark.slow
@@ -128,8 +118,9 @@ def test_api_key_lands_nowhere_in_the_run_directory_or_logs(resumed_run):
 
 
 @pytest.mark.slow
-def test_launch_eval_with_fid(resumed_run):
-    run_dir = resumed_run["run_dir"]
+def test_launch_eval_with_fid(resumed_run, tmp_path):
+    run_dir = tmp_path / "run"  # `launch eval` writes into the run directory: a copy of the bank's run
+    shutil.copytree(resumed_run["run_dir"], run_dir, symlinks=True)
     result = run_cli("launch", "eval", str(run_dir), "--fid", "40", "--max-images", "4", "--batch-size", "20")
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

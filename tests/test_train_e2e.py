@@ -2,202 +2,39 @@
 
 Every test runs the command-line entry points as subprocesses (tests/conftest.py `run_cli`, or
 Popen where the test must signal the launcher), with a U-Net shrunk further than
-configs/tiny/ddpm.yaml (8 base channels, two levels, no attention) so that a step takes a fraction
-of a second on two shared CPU cores. The W&B offline test reads the run's transaction log with
-tests/wandb_reader.py.
+configs/tiny/ddpm.yaml (8 base channels, two levels, no attention: tests/runs.py `FAST`) so that a
+step takes a fraction of a second on two shared CPU cores. The stopped-and-resumed run is the run
+bank's (`resumed_run`), which tests/test_tracking.py reads too.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_cli, tiny_overrides
-from pipeline import checkpoint, faults
+from conftest import REPO, run_cli
+from pipeline import checkpoint
 from pipeline import config as config_module
+from runs import (
+    FAKE_API_KEY,
+    METRIC_FIELDS,
+    RESUMED,
+    SIZE,
+    TINY,
+    assert_ok,
+    assert_strictly_increasing,
+    check_resumed,
+    checkpoint_steps,
+    error_lines,
+    overrides,
+    rank_records,
+    read_jsonl,
+    stop_and_resume,
+)
 
 pytestmark = pytest.mark.slow
-
-TINY = "configs/tiny/ddpm.yaml"
-SIZE = config_module.load(TINY).data.image_size  # of the grid's tiles
-EXIT_PREEMPTED = 75
-FAST = {
-    "model.base_channels": 8,
-    "model.norm_groups": 4,
-    "model.channel_mult": "[1,2]",
-    "model.attention_resolutions": "[]",
-    "model.sample_steps": 5,
-    "data.batch_size": 8,
-    "data.shuffle_buffer": 64,
-    "train.warmup_steps": 2,
-    "train.max_steps": 20,
-    "train.log_every_steps": 5,
-    "checkpoint.every_steps": 10,
-    "eval.every_steps": 0,
-}
-METRIC_FIELDS = ("step", "images_seen", "loss", "lr", "grad_norm", "images_per_s")
-
-
-def overrides(digits_dir: Path, run_dir: Path, **extra) -> list[str]:
-    return tiny_overrides(digits_dir, run_dir, **{**FAST, **extra})
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def metric_steps(run_dir: Path) -> list[int]:
-    return [record["step"] for record in read_jsonl(run_dir / "metrics.jsonl") if "loss" in record]
-
-
-def rank_records(run_dir: Path, rank: int, event: str) -> list[dict]:
-    return [r for r in read_jsonl(run_dir / "ranks" / f"rank-{rank:05d}.jsonl") if r["event"] == event]
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return [step for step, _ in checkpoint.list_checkpoints(run_dir)]
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "error:" in line]
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-6000:]}"
-
-
-def assert_strictly_increasing(steps: list[int]) -> None:
-    assert steps, "no steps"
-    assert all(a < b for a, b in zip(steps, steps[1:])), steps
-
-
-# --- background launches that the test signals -------------------------------------------------
-
-
-class Launch:
-    """`launch local ...` started with Popen; output goes to files (no pipe can fill up)."""
-
-    def __init__(self, args: list[str], log_dir: Path, name: str, env: dict | None = None):
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.stdout_path = log_dir / f"{name}.out"
-        self.stderr_path = log_dir / f"{name}.err"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "launch.cli", "local", *args],
-                stdout=out, stderr=err, env=full_env, cwd=REPO,
-            )
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def wait_for(self, condition, what: str, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.process.poll() is not None:
-                pytest.fail(f"launcher exited ({self.process.returncode}) before {what}:\n{self.stderr[-6000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"timed out waiting for {what}:\n{self.stderr[-6000:]}")
-            time.sleep(0.1)
-
-    def wait(self, timeout: float = 300) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"launcher did not exit within {timeout}s:\n{self.stderr[-6000:]}")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-def has_metrics(run_dir: Path):
-    def check() -> bool:
-        path = run_dir / "metrics.jsonl"
-        return path.exists() and any(line.strip().endswith("}") for line in path.read_text().splitlines())
-
-    return check
-
-
-HOLD_STEP = 3
-
-
-def stop_and_resume(digits_dir: Path, tmp_path: Path, nproc: int, **extra) -> dict:
-    """Start a run, SIGTERM the launcher once a step is logged, check it stopped cleanly, relaunch."""
-    run_dir = tmp_path / "run"
-    args = [TINY, *overrides(digits_dir, run_dir, **{"train.max_steps": 30, "train.log_every_steps": 1,
-                                                       "checkpoint.every_steps": 1000, **extra})]
-    if nproc > 1:
-        args += ["--nproc", str(nproc)]
-    # The job holds after step 3 until the signal comes: the stop lands there however fast the
-    # machine is (without the hold, a fast machine could finish all 30 steps first).
-    first = Launch(args, tmp_path / "logs", "first", env=faults.env(hold_after_step=HOLD_STEP))
-    first.wait_for(lambda: (run_dir / "ranks" / "held-rank-00000").exists(), f"the hold after step {HOLD_STEP}")
-    first.process.send_signal(signal.SIGTERM)
-    code = first.wait()
-    stderr = first.stderr
-    assert code == EXIT_PREEMPTED, f"exit {code}\n{stderr[-6000:]}"
-    match = re.search(r"stop requested \(SIGTERM\): saving at step (\d+)", stderr)
-    assert match, stderr[-6000:]
-    stop_step = int(match.group(1))
-    assert stop_step == HOLD_STEP
-    # The checkpoint of the stop step is complete and is what a relaunch will load.
-    assert checkpoint_steps(run_dir)[-1] == stop_step
-    found = checkpoint.latest_valid(run_dir)
-    assert found is not None and found[1]["step"] == stop_step
-    assert json.loads((found[0] / "trainer.json").read_text())["step"] == stop_step
-    for rank in range(nproc):
-        end = rank_records(run_dir, rank, "end")[-1]
-        assert end["step"] == stop_step and end["exit_code"] == EXIT_PREEMPTED
-    steps_before = metric_steps(run_dir)
-    assert steps_before[-1] == stop_step
-
-    second = Launch(args, tmp_path / "logs", "second")
-    code = second.wait()
-    assert code == 0, f"exit {code}\n{second.stderr[-6000:]}"
-    return {
-        "run_dir": run_dir,
-        "stop_step": stop_step,
-        "steps_before": steps_before,
-        "first_stderr": stderr,
-        "second_stderr": second.stderr,
-    }
-
-
-def check_resumed(outcome: dict, nproc: int) -> None:
-    run_dir, stop_step = outcome["run_dir"], outcome["stop_step"]
-    assert re.search(rf"resumed from \S*step-{stop_step:09d} \(step {stop_step},", outcome["second_stderr"]), (
-        outcome["second_stderr"][-6000:]
-    )
-    assert f"from step {stop_step} to 30" in outcome["second_stderr"]
-    steps = metric_steps(run_dir)
-    assert_strictly_increasing(steps)
-    assert steps[: len(outcome["steps_before"])] == outcome["steps_before"]
-    new = steps[len(outcome["steps_before"]):]
-    assert new and new[0] == stop_step + 1 and new[-1] == 30
-    assert steps == list(range(1, 31))
-    images = [r["images_seen"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-    assert images == [8 * nproc * s for s in steps]  # images_seen carried over, not restarted
-    for rank in range(nproc):
-        starts = rank_records(run_dir, rank, "start")
-        assert [s["step"] for s in starts] == [0, stop_step]
-        end = rank_records(run_dir, rank, "end")[-1]
-        assert end["step"] == 30 and end["exit_code"] == 0
-    assert checkpoint_steps(run_dir)[-1] == 30
-
 
 # --- (a) one process, start to finish -------------------------------------------------------------
 
@@ -333,22 +170,20 @@ def test_two_process_run(digits_dir, tmp_path):
 # --- (c) stop with SIGTERM and resume -----------------------------------------------------------------
 
 
-def test_sigterm_stops_with_checkpoint_and_relaunch_resumes_exactly(digits_dir, tmp_path):
-    # One DataLoader worker: the data stream's position is carried through a worker process too.
-    outcome = stop_and_resume(digits_dir, tmp_path, nproc=1, **{"data.num_workers": 1})
-    check_resumed(outcome, nproc=1)
+def test_sigterm_stops_with_checkpoint_and_relaunch_resumes_exactly(resumed_run, digits_dir, tmp_path):
+    check_resumed(resumed_run, nproc=1)
 
     # On CPU the resumed run is bit-identical to one that was never interrupted: weights,
-    # optimizer, RNG and data position all came back.
+    # optimizer, RNG and data position (through a data worker) all came back.
     reference_dir = tmp_path / "reference"
     reference = run_cli("launch", "local", TINY, *overrides(
-        digits_dir, reference_dir, **{"train.max_steps": 30, "train.log_every_steps": 1,
-                                      "checkpoint.every_steps": 1000, "data.num_workers": 1}))
+        digits_dir, reference_dir, **{"train.max_steps": 30, "train.log_every_steps": 1, **RESUMED}),
+        env={"WANDB_API_KEY": FAKE_API_KEY})
     assert_ok(reference)
-    losses = [r["loss"] for r in read_jsonl(outcome["run_dir"] / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in read_jsonl(resumed_run["run_dir"] / "metrics.jsonl") if "loss" in r]
     reference_losses = [r["loss"] for r in read_jsonl(reference_dir / "metrics.jsonl") if "loss" in r]
     assert losses == reference_losses
-    assert (rank_records(outcome["run_dir"], 0, "end")[-1]["weights_sha256"]
+    assert (rank_records(resumed_run["run_dir"], 0, "end")[-1]["weights_sha256"]
             == rank_records(reference_dir, 0, "end")[-1]["weights_sha256"])
 
 
@@ -358,53 +193,6 @@ def test_sigterm_stops_and_resumes_two_processes(digits_dir, tmp_path):
     run_dir = outcome["run_dir"]
     ends = [rank_records(run_dir, rank, "end")[-1] for rank in (0, 1)]
     assert ends[0]["weights_sha256"] == ends[1]["weights_sha256"]
-
-
-# --- (d) W&B offline ------------------------------------------------------------------------------------
-
-
-def wandb_logs(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-
-
-def test_wandb_offline_run_holds_metrics_and_keeps_its_id_on_resume(digits_dir, tmp_path):
-    from wandb_reader import read_run
-
-    outcome = stop_and_resume(digits_dir, tmp_path, nproc=1, **{"wandb.mode": "offline"})
-    run_dir, stop_step = outcome["run_dir"], outcome["stop_step"]
-
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
-    assert re.fullmatch(r"[a-z0-9]{8}", run_id)
-    logs = wandb_logs(run_dir)
-    assert len(logs) == 2, logs  # one offline run directory per launch
-    assert all(path.name == f"run-{run_id}.wandb" for path in logs)
-
-    runs = [read_run(path) for path in logs]
-    for run in runs:
-        assert run.run_id == run_id
-        assert {"name": "*", "step_metric": "step"} in run.metric_definitions
-    steps_per_launch = []
-    for run in runs:
-        rows = [row for row in run.history if "train/loss" in row]
-        for row in rows:
-            assert isinstance(row["train/loss"], float) and isinstance(row["step"], int)
-            for field in ("images_seen", "lr", "grad_norm", "images_per_s"):
-                assert f"train/{field}" in row
-        steps_per_launch.append([row["step"] for row in rows])
-    first, second = steps_per_launch
-    assert first == list(range(1, stop_step + 1))
-    assert second == list(range(stop_step + 1, 31))
-    assert_strictly_increasing(first + second)
-
-    # The W&B history holds the same losses as metrics.jsonl.
-    metrics = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
-    for run in runs:
-        for row in run.history:
-            if "train/loss" in row:
-                assert row["train/loss"] == pytest.approx(metrics[row["step"]])
-    # The sample grid written at the end is logged against the last step.
-    images = [row for row in runs[1].history if "samples/path" in row]
-    assert images and images[-1]["step"] == 30
 
 
 # --- (e) bad inputs through the command line -------------------------------------------------------

@@ -68,13 +68,26 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def engine_config(config: RunConfig, world_size: int, device_type: str) -> dict:
-    """The DeepSpeed config dict: the file's tuning, the YAML's ZeRO keys, the run's numbers."""
+BUCKETS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7}
+"""DeepSpeed's bucket sizes (elements) and their defaults where a config leaves them out."""
+
+
+def engine_config(config: RunConfig, world_size: int, device_type: str, parameters: int | None = None) -> dict:
+    """The DeepSpeed config dict: the file's tuning, the YAML's ZeRO keys, the run's numbers.
+
+    With the model's ``parameters`` count, no bucket is larger than the model (rounded up to whole
+    MiB of elements): a larger one never fills, yet it is allocated at every micro-step (and filled with NaN there when
+    ``train.deterministic`` asks PyTorch to fill fresh memory: 2 GB at DeepSpeed's default 5e8,
+    a second of a CPU step)."""
     section = config.deepspeed
     train = config.train
     raw = section.file_dict()
     zero = dict(raw.get("zero_optimization", {}))
     zero["stage"] = section.resolved_stage()
+    if parameters:
+        model_size = -(-parameters // 2**20) * 2**20  # whole MiB of elements: DeepSpeed wants aligned buckets
+        for key, default in BUCKETS.items():
+            zero[key] = int(min(float(zero.get(key, default)), model_size))
     for which in ("optimizer", "param"):
         device = section.resolved_offload(which)
         options = dict(zero.get(f"offload_{which}") or {})
@@ -133,7 +146,8 @@ def wrap(config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, 
 
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     engine, zero_optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=engine_config(config, world_size, device_type)
+        model=model, optimizer=optimizer,
+        config=engine_config(config, world_size, device_type, sum(p.numel() for p in model.parameters())),
     )
     restore_buffers(engine.module, buffers)
     return engine, zero_optimizer

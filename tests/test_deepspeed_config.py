@@ -39,6 +39,20 @@ def test_engine_config_takes_batch_accumulation_clipping_and_precision_from_the_
     assert engine["zero_optimization"]["stage"] == 3
 
 
+def test_no_bucket_is_larger_than_the_model():
+    # DeepSpeed allocates its buckets at every micro-step (and, under train.deterministic, fills
+    # them with NaN): 5e8 elements for a model of 45k parameters cost a second per CPU step.
+    zero3 = f"deepspeed.config_file={REPO / 'configs' / 'deepspeed' / 'zero3.json'}"
+    small = engine_config(_load(zero3), world_size=2, device_type="cpu", parameters=45_000)["zero_optimization"]
+    assert small["reduce_bucket_size"] == small["allgather_bucket_size"] == 2**20
+    assert small["stage3_prefetch_bucket_size"] == 2**20
+    large = engine_config(_load(zero3), world_size=2, device_type="cpu", parameters=113_700_000)["zero_optimization"]
+    assert large["reduce_bucket_size"] == large["stage3_prefetch_bucket_size"] == 50_000_000  # the file's
+    assert large["allgather_bucket_size"] == 109 * 2**20  # DeepSpeed's 5e8, capped at the model's 108.4 Mi
+    unknown = engine_config(_load(zero3), world_size=2, device_type="cpu")["zero_optimization"]
+    assert "allgather_bucket_size" not in unknown and unknown["reduce_bucket_size"] == 50_000_000
+
+
 def test_fp16_under_deepspeed_on_cpu_is_refused():
     with pytest.raises(UserError, match="needs a GPU"):
         engine_config(_load("train.mixed_precision=fp16"), world_size=1, device_type="cpu")

@@ -157,3 +157,14 @@ def resumed_run(digits_dir, tmp_path_factory) -> dict:
         outcome = stop_and_resume(digits_dir, tmp_path, nproc=1, **RESUMED)
     return {**outcome, "tmp_path": tmp_path}
 
+
+@pytest.fixture(scope="session")
+def ddp_reference(digits_dir, tmp_path_factory) -> Path:
+    """The DDP run that ZeRO and FSDP2 runs are compared with: `runs.SHARDED` on two processes,
+    rank 0's loss NaN at step 4 (`runs.NAN_AT_4`)."""
+    from runs import NAN_AT_4, SHARDED, finish
+
+    run_dir = tmp_path_factory.mktemp("ddp_reference") / "run"
+    finish(digits_dir, run_dir, env=NAN_AT_4, **SHARDED)
+    return run_dir
+

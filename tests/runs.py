@@ -41,7 +41,7 @@ def tiny_overrides(digits_dir: Path, run_dir: Path, **extra) -> list[str]:
 
 
 TINY = "configs/tiny/ddpm.yaml"
-SIZE = config_module.load(TINY).data.image_size  # of the grid's tiles
+SIZE = config_module.load(REPO / TINY).data.image_size  # of the grid's tiles
 EXIT_PREEMPTED = 75
 FAST = {
     "model.base_channels": 8,
@@ -236,4 +236,182 @@ RESUMED = {
 """What the bank's resumed run turns on beside `FAST`: a data worker, W&B offline with MFU against
 a stated peak and checkpoint artifacts, sample grids, held-out bits/dim and FID (stand-in
 features) during training: all that a GPU run logs, none of which may change what it trains."""
+
+
+# --- jobs of two processes that a test kills, signals or holds (tests/test_resume_exact.py) ------
+
+MAX_STEPS = 24
+EVERY = 3
+SHRUNK = {
+    "data.num_workers": 2,
+    "data.batch_size": 8,
+    "model.base_channels": 8,
+    "model.norm_groups": 4,
+    "model.channel_mult": "[1,2]",
+    "model.attention_resolutions": "[16]",
+    "data.image_size": 32,  # (the config trains at 8: attention at 16 needs 32)
+    "model.sample_steps": 2,
+    "train.max_steps": MAX_STEPS,
+    "train.warmup_steps": 4,
+    "train.log_every_steps": 1,  # metrics.jsonl then shows each step: the test's clock
+    "train.deterministic": "true",
+    "checkpoint.every_steps": EVERY,
+    "checkpoint.keep_last": 2,
+    "sample.every_steps": 0,
+    "sample.n": 2,
+    "eval.every_steps": 0,
+    "wandb.mode": "disabled",
+}
+LAUNCH_TIMEOUT_S = 240
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+
+class Job:
+    """One `launch local` of the run directory, in its own session."""
+
+    def __init__(self, digits_dir: Path, run_dir: Path, nproc: int = 2, env: dict | None = None, **extra):
+        values = {
+            "run_dir": run_dir,
+            "data.shards": digits_dir / "train",
+            "data.eval_shards": digits_dir / "test",
+            **SHRUNK,
+            **extra,
+        }
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = (
+            run_dir.parent / f"{run_dir.name}-launch-{len(list(run_dir.parent.glob(run_dir.name + '-launch-*')))}.log"
+        )
+        base = {k: v for k, v in os.environ.items() if not k.startswith("GENPIPE_")}
+        full_env = {**base, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", "local", "configs/tiny/ddpm.yaml",
+             *(f"{key}={value}" for key, value in values.items()), "--nproc", str(nproc)],
+            cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.started = time.monotonic()
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def fail(self, message: str):
+        self.kill()
+        pytest.fail(f"{message}\n--- {self.log_path} ---\n{self.output()[-6000:]}")
+
+    def wait(self, timeout: float = LAUNCH_TIMEOUT_S) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail(f"launch did not finish within {timeout}s")
+
+    def logged_step(self) -> int:
+        return last_logged_step(self.run_dir)
+
+    def wait_until(self, condition, what: str, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                self.fail(f"the job exited ({self.process.returncode}) before {what}")
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the job at once, as a cluster does; waits until all are gone."""
+        if self.process.poll() is not None and not _descendants(self.process.pid):
+            return
+        pids = _descendants(self.process.pid)
+        for group in [self.process.pid, *pids]:
+            # The launcher and each trainer lead a session; a trainer's data workers are in its group.
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, f"processes {pids} survived SIGKILL"
+            time.sleep(0.05)
+        self.log.close()
+
+    def terminate(self) -> None:
+        """SIGTERM to the launcher's process group, as Slurm's preemption or `scancel` sends it."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) from /proc (no psutil)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        table[int(entry)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(pid: int) -> list[int]:
+    table = _process_table()
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, state) in table.items():
+            if ppid == parent and state != "Z":
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    state = _process_table().get(pid)
+    return state is not None and state[1] != "Z"
+
+
+def last_logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [0]
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return max(steps)
+
+
+def finish(digits_dir: Path, run_dir: Path, **kwargs) -> Job:
+    job = Job(digits_dir, run_dir, **kwargs)
+    code = job.wait()
+    if code != 0:
+        job.fail(f"the final launch exited with {code}")
+    return job
+
+
+def held(run_dir: Path) -> bool:
+    """Whether rank 0 is holding at a fault point (pipeline/faults.py), waiting for a signal."""
+    return (run_dir / "ranks" / "held-rank-00000").exists()
+
+
+# --- the sharded strategies' comparison (conftest.py's `ddp_reference`) ---------------------------
+
+SHARDED = {"train.max_steps": 6, "train.grad_accum": 2, "checkpoint.keep_last": 5, "sample.at_end": "false"}
+"""Six steps of `SHRUNK` with two micro-batches each: what every strategy trains to compare with DDP."""
+NAN_AT_4 = faults.env(nan_at_steps=[4])
+"""Rank 0's loss is NaN at step 4: every strategy must skip that step and agree on the rest."""
 

@@ -41,6 +41,7 @@ def test_batch_per_network():
     assert sampling.parse_args(["--networks", "tiny", "--batch", "3"]).batch == {"tiny": 3}
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path):
     out = tmp_path / "rows.jsonl"
     done = subprocess.run(

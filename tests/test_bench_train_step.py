@@ -95,6 +95,7 @@ def test_batches_per_network():
     assert train_step.parse_args(["--networks", "tiny", "--batches", "4,2"]).batches == {"tiny": [4, 2]}
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path):
     out = tmp_path / "rows.jsonl"
     done = subprocess.run(

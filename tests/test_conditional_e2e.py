@@ -48,6 +48,7 @@ def cond_run(digits_dir, tmp_path_factory) -> Path:
                  **SMALL_UNET, **{"eval.every_steps": 4, "eval.max_images": 8})
 
 
+@pytest.mark.quick
 def test_a_conditional_run_trains_evaluates_and_draws_its_classes_in_rows(cond_run, digits_dir, tmp_path):
     records = [json.loads(line) for line in (cond_run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in records) and any("eval/bits_per_dim" in r for r in records)

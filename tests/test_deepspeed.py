@@ -1,9 +1,10 @@
 """DeepSpeed ZeRO on 2 CPU processes (gloo, DeepSpeed's CPU accelerator), through ``launch local``.
 
-Each training run is a module fixture shared by the tests that read it; the file makes ten
-2-process launches and one of one process. The tiny DDPM covers ZeRO-1 and ZeRO-3 (the latter
-from configs/deepspeed/zero3.json), the tiny PixelCNN++ (tests/configs/tiny_pixelcnn.yaml)
-ZeRO-2; each is compared with the DDP run of the same seed and data. ZeRO-3 without an EMA draws
+Each training run is a module fixture shared by the tests that read it. The shrunk tiny DDPM of
+the run bank (tests/runs.py `SHARDED`, rank 0's loss NaN at step 4) covers ZeRO-1 and ZeRO-3 (the
+latter from configs/deepspeed/zero3.json), compared with the bank's DDP run (`ddp_reference`,
+which tests/test_fsdp.py compares FSDP2 with); the tiny PixelCNN++
+(tests/configs/tiny_pixelcnn.yaml) covers ZeRO-2, compared with its own DDP run. ZeRO-3 without an EMA draws
 a sample grid, evaluates held-out bits/dim and FID during training (its whole weights are a
 plain module, so rank 0 samples alone), and under bf16 its EMA averages the fp32 masters.
 
@@ -27,6 +28,7 @@ import pytest
 import torch
 
 from pipeline import faults
+from runs import NAN_AT_4, SHARDED, SHRUNK, finish
 from tests.conftest import REPO, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -72,26 +74,33 @@ def _deepspeed(stage: int) -> dict:
     return {"distributed.strategy": "deepspeed", "deepspeed.zero_stage": stage}
 
 
-@pytest.fixture(scope="module")
-def ddpm_ddp(digits_dir, tmp_path_factory):
-    return _ok(_launch(DDPM, digits_dir, tmp_path_factory.mktemp("ddpm_ddp"), STEPS))
+class Finished:
+    """A finished `launch local` of a tests/runs.py `Job`: its run directory and its output."""
+
+    def __init__(self, job):
+        self.run_dir, self.stderr = job.run_dir, job.output()
+
+
+def _sharded(run_dir: Path, digits_dir: Path, steps: int = STEPS, **strategy) -> Finished:
+    """The run bank's comparison run (`runs.SHARDED`, rank 0's loss NaN at step 4) under DeepSpeed."""
+    return Finished(finish(digits_dir, run_dir, env=NAN_AT_4,
+                           **{**SHARDED, "train.max_steps": steps, "distributed.strategy": "deepspeed", **strategy}))
 
 
 @pytest.fixture(scope="module")
 def ddpm_zero1_nan(digits_dir, tmp_path_factory):
     """ZeRO-1 with rank 0's loss NaN at step 4: skipped, counted, training goes on."""
-    return _ok(_launch(DDPM, digits_dir, tmp_path_factory.mktemp("ddpm_z1"), STEPS,
-                       env=faults.env(nan_at_steps=[4]), **_deepspeed(1)))
+    return _sharded(tmp_path_factory.mktemp("ddpm_z1") / "run", digits_dir, **{"deepspeed.zero_stage": 1})
 
 
 @pytest.fixture(scope="module")
 def ddpm_zero3(digits_dir, tmp_path_factory):
     """ZeRO-3 from the ready file, trained to STEPS, then relaunched to RESUMED_STEPS."""
-    run_dir = tmp_path_factory.mktemp("ddpm_z3")
-    extra = {"distributed.strategy": "deepspeed", "deepspeed.config_file": str(REPO / "configs/deepspeed/zero3.json")}
-    first = _ok(_launch(DDPM, digits_dir, run_dir, STEPS, **extra))
+    run_dir = tmp_path_factory.mktemp("ddpm_z3") / "run"
+    zero3 = {"deepspeed.config_file": str(REPO / "configs/deepspeed/zero3.json")}
+    first = _sharded(run_dir, digits_dir, **zero3)
     first_metrics = _metrics(run_dir)
-    second = _ok(_launch(DDPM, digits_dir, run_dir, RESUMED_STEPS, **extra))
+    second = _sharded(run_dir, digits_dir, RESUMED_STEPS, **zero3)
     return first, first_metrics, second
 
 
@@ -119,13 +128,15 @@ def _assert_losses_match(reference: dict[int, dict], other: dict[int, dict], ste
         assert math.isclose(got, expected, rel_tol=LOSS_RTOL), (step, expected, got)
 
 
-def test_zero1_loss_matches_ddp_until_the_injected_nan(ddpm_ddp, ddpm_zero1_nan):
-    _assert_losses_match(_metrics(ddpm_ddp.run_dir), _metrics(ddpm_zero1_nan.run_dir), range(1, 4))
+def test_zero1_loss_matches_ddp_and_skips_the_same_nan_step(ddp_reference, ddpm_zero1_nan):
+    _assert_losses_match(_metrics(ddp_reference), _metrics(ddpm_zero1_nan.run_dir), (1, 2, 3, 5, 6))
 
 
-def test_zero3_loss_matches_ddp(ddpm_ddp, ddpm_zero3):
+@pytest.mark.quick
+def test_zero3_loss_matches_ddp_and_skips_the_same_nan_step(ddp_reference, ddpm_zero3):
     _, zero3_metrics, _ = ddpm_zero3
-    _assert_losses_match(_metrics(ddpm_ddp.run_dir), zero3_metrics, range(1, STEPS + 1))
+    _assert_losses_match(_metrics(ddp_reference), zero3_metrics, (1, 2, 3, 5, 6))
+    assert zero3_metrics[4]["bad_steps"] == 1 and math.isnan(zero3_metrics[4]["loss"])
 
 
 def test_zero2_pixelcnn_loss_matches_ddp(pixelcnn_ddp, pixelcnn_zero2):
@@ -146,7 +157,7 @@ def test_resume_continues_at_the_checkpointed_step(which, request):
     assert [record["step"] for record in starts if record["event"] == "start"] == [0, STEPS]
     metrics = _metrics(run_dir)
     assert sorted(metrics) == list(range(1, RESUMED_STEPS + 1))
-    assert all(math.isfinite(metrics[step]["loss"]) for step in metrics)
+    assert all(math.isfinite(metrics[step]["loss"]) for step in metrics if not metrics[step]["bad_steps"])
     manifest = json.loads((run_dir / "checkpoints" / f"step-{RESUMED_STEPS:09d}" / "manifest.json").read_text())
     assert manifest["strategy"] == "deepspeed"
     assert manifest["zero_stage"] == (3 if which == "ddpm_zero3" else 2)
@@ -159,8 +170,8 @@ def test_resume_continues_at_the_checkpointed_step(which, request):
 def test_resuming_under_another_strategy_is_a_clear_error(ddpm_zero3, digits_dir):
     first, _, _ = ddpm_zero3
     # One process with twice the batch keeps the global batch the 2-process run had.
-    overrides = tiny_overrides(digits_dir, first.run_dir, **{**SMALL, "train.max_steps": RESUMED_STEPS + 2,
-                                                             "data.batch_size": 2 * SMALL["data.batch_size"]})
+    overrides = tiny_overrides(digits_dir, first.run_dir, **{**SHRUNK, **SHARDED, "train.max_steps": RESUMED_STEPS + 2,
+                                                             "data.batch_size": 2 * SHRUNK["data.batch_size"]})
     result = run_cli("launch", "local", "--nproc", "1", str(DDPM), *overrides)
     assert result.returncode == 2
     assert "written under deepspeed ZeRO-3, this config trains under ddp" in result.stderr

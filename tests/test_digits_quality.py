@@ -301,6 +301,7 @@ def test_processes_share_the_samples_and_rank_zero_reports(digits_dir, tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.quick
 def test_launch_eval_sample_quality_and_status(digits_dir, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(digits_dir, run_dir, **{"train.max_steps": 6, "model.kl_warmup_steps": 3,

@@ -16,12 +16,20 @@ steps of exactly the documented job. Nothing is removed or rewritten from what t
 Commands that cannot do their work on a CPU machine (the GPU benchmarks, a 256×256 job on the
 1-CPU test cluster) are run too, and must fail the way the documents promise: fast, one line,
 nothing submitted.
+
+Running every document takes minutes: that is the full tier. The quick tier runs README.md's
+commands for real, and checks every command of every document in this process, in seconds
+(`test_every_documented_command_is_valid`): its arguments parse, its config and overrides load and
+validate, `launch local`'s preflight passes (shards, readers, strategy, the model built on the meta
+device) and `launch slurm` renders its sbatch script; a script's own argument parser accepts what
+the document gives it, and a shell script exists and parses.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -311,7 +319,8 @@ def _cluster_up() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("document", DOCUMENTS)
+@pytest.mark.parametrize("document", [pytest.param(document, marks=[pytest.mark.quick] if document == "README.md" else [])
+                                      for document in DOCUMENTS])
 def test_documented_commands_run_as_written(document, sandbox):
     repo, env = sandbox
     commands = commands_in(document)
@@ -329,3 +338,138 @@ def test_documented_commands_run_as_written(document, sandbox):
         if spec.skip:
             continue
         _run(command, spec, repo, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every command checked in this process (the quick tier): arguments, configs, preflight
+
+
+class _Parsed(Exception):
+    """Raised in place of running a script once its argument parser has accepted the arguments."""
+
+
+def _parse_only(main, argv: list[str], where: str) -> None:
+    """Run ``main(argv)`` as far as its argparse parser, and no further."""
+    import argparse
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    try:
+        argparse.ArgumentParser.parse_args = parse_args
+        main(argv)
+    except _Parsed:
+        return
+    except SystemExit as exc:
+        pytest.fail(f"{where}: the arguments are refused (exit {exc.code})")
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    pytest.fail(f"{where}: the script ran without parsing arguments")
+
+
+def _script_main(path: Path):
+    """``main`` of a Python script of the repository (benchmarks/*.py), imported from its file."""
+    import importlib.util
+
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # its sibling modules, as when run as a script
+    spec = importlib.util.spec_from_file_location(f"documented_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _simple_commands(text: str) -> list[list[str]]:
+    """The simple commands of a line (split at ;, && and ||), environment assignments and ``time``
+    removed from each."""
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    commands, words = [], []
+    for token in [*lexer, ";"]:
+        if set(token) <= set(";&|"):
+            while words and (re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]) or words[0] == "time"):
+                words = words[1:]
+            if words:
+                commands.append(words)
+            words = []
+        else:
+            words.append(token)
+    return commands
+
+
+@pytest.fixture(scope="module")
+def static_sandbox(digits_dir, tmp_path_factory) -> Path:
+    """A working directory where the documents' relative paths resolve: the repository's configs,
+    the session's digits as data/digits, and small stand-ins for the other data sets the
+    documents prepare (photos at 256, CIFAR-sized images at 32, digits at 16), with as many
+    shards as the documented process and worker counts read."""
+    from conftest import make_id_shards
+
+    root = tmp_path_factory.mktemp("documented_static")
+    (root / "configs").symlink_to(REPO / "configs")
+    (root / "data").mkdir()
+    (root / "data" / "digits").symlink_to(digits_dir)
+    for name, size, channels, shards in (("photos", 256, 3, 64), ("cifar10", 32, 3, 16), ("digits16", 16, 1, 16)):
+        for split in ("train", "test"):
+            make_id_shards(root / "data" / name / split, num_shards=shards, per_shard=1, size=size,
+                           channels=channels, split=split)
+    return root
+
+
+def _check_launch(argv: list[str], where: str, root: Path) -> None:
+    from launch.cli import build_parser
+    from launch.local import preflight
+    from launch.sample import parse_options
+    from launch.slurm import resolve_config, sbatch_script
+    from pipeline import config as config_module
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        pytest.fail(f"{where}: launch refuses its arguments (exit {exc.code})")
+    if args.command == "local":
+        config = config_module.load(args.config, args.overrides)
+        if (root / config.data.shards).exists():  # data a document makes from a trained run: config only
+            preflight(config, args.nproc)
+    elif args.command == "slurm":
+        assert "#SBATCH" in sbatch_script(resolve_config(args.config, list(args.overrides))), where
+    elif args.command == "sample":
+        parse_options(args.options)
+
+
+def _check(command: Command, root: Path) -> None:
+    from data_prep.cli import build_parser as data_prep_parser
+
+    where = f"{command.document}:{command.line}: {command.text}"
+    for words in _simple_commands(command.text):
+        program, argv = words[0], words[1:]
+        if program == "launch":
+            _check_launch(argv, where, root)
+        elif program == "data-prep":
+            try:
+                data_prep_parser().parse_args(argv)
+            except SystemExit as exc:
+                pytest.fail(f"{where}: data-prep refuses its arguments (exit {exc.code})")
+        elif program in ("python", "python3") and argv[:1] == ["-m"]:
+            if argv[1] not in ("venv", "pytest"):  # other programs' own modules
+                import importlib
+
+                _parse_only(importlib.import_module(argv[1]).main, argv[2:], where)
+        elif program in ("python", "python3"):
+            _parse_only(_script_main(REPO / argv[0]), argv[1:], where)
+        elif program.startswith(("scripts/", "benchmarks/")):
+            script = REPO / program
+            assert script.is_file() and os.access(script, os.X_OK), f"{where}: {program} is not an executable file"
+            syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+            assert syntax.returncode == 0, f"{where}: {syntax.stderr}"
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_every_documented_command_is_valid(document, static_sandbox, monkeypatch):
+    monkeypatch.chdir(static_sandbox)
+    commands = commands_in(document)
+    assert all(spec_of(command) is not None for command in commands), "see test_every_documented_command_has_a_spec"
+    for command in commands:
+        _check(command, static_sandbox)

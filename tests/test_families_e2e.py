@@ -101,6 +101,7 @@ def eval_json(run_dir: Path, *extra: str) -> dict:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.quick
 def test_eval_bits_per_dim_beats_untrained_and_uniform(family, trained):
     run_dir = trained(family)
     steps = FAMILIES[family][1]["train.max_steps"]

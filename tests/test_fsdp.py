@@ -1,9 +1,9 @@
 """FSDP2 (``distributed.strategy: fsdp``) on CPU processes with gloo, through ``launch local``.
 
-The tiny DDPM (tests/test_resume_exact.py's shrunk version, deterministic kernels) trained by two
-processes under FSDP2 is compared with the same run under DDP: same seed, same batches, same
-per-rank noise, so the losses agree to the order of floating-point sums (relative 1e-4; reason in
-tests/test_deepspeed.py's docstring); rank 0's loss is NaN at step 4 in both, and both skip that
+The tiny DDPM (tests/runs.py's shrunk version, deterministic kernels) trained by two processes
+under FSDP2 is compared with the same run under DDP (the run bank's `ddp_reference`): same seed,
+same batches, same per-rank noise, so the losses agree to the order of floating-point sums
+(relative 1e-4; reason in tests/test_deepspeed.py's docstring); rank 0's loss is NaN at step 4 in both, and both skip that
 step (sharded gradients clipped and the skip decided on the all-reduced norm). A run stopped by
 SIGTERM at step 3 and relaunched ends with pieces bit-identical to the uninterrupted run's.
 ``torch.compile`` (aot_eager: graphs without code generation) of the blocks gives the same losses;
@@ -24,15 +24,14 @@ from safetensors.torch import load_file
 
 from pipeline import checkpoint, faults
 from pipeline.preemption import EXIT_PREEMPTED
+from runs import NAN_AT_4, SHARDED, Job, finish, held
 from tests.conftest import REPO, run_cli, tiny_overrides
-from tests.test_resume_exact import Job, finish, held
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6
+STEPS = SHARDED["train.max_steps"]
 LOSS_RTOL = 1e-4
-COMMON = {"train.max_steps": STEPS, "train.grad_accum": 2, "checkpoint.keep_last": 5, "sample.at_end": "false"}
-NAN = faults.env(nan_at_steps=[4])
+COMMON, NAN = SHARDED, NAN_AT_4
 FSDP = {"distributed.strategy": "fsdp"}
 
 
@@ -53,15 +52,9 @@ def fsdp_run(digits_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def ddp_run(digits_dir, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    finish(digits_dir, run_dir, env=NAN, **COMMON)
-    return run_dir
-
-
-def test_losses_match_ddp_and_the_nan_step_is_skipped(fsdp_run, ddp_run):
-    fsdp, ddp = _metrics(fsdp_run), _metrics(ddp_run)
+@pytest.mark.quick
+def test_losses_match_ddp_and_the_nan_step_is_skipped(fsdp_run, ddp_reference):
+    fsdp, ddp = _metrics(fsdp_run), _metrics(ddp_reference)
     for step in (1, 2, 3, 5, 6):
         assert math.isclose(fsdp[step]["loss"], ddp[step]["loss"], rel_tol=LOSS_RTOL), (step, fsdp[step], ddp[step])
         assert math.isclose(fsdp[step]["grad_norm"], ddp[step]["grad_norm"], rel_tol=LOSS_RTOL), step

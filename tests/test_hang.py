@@ -22,7 +22,7 @@ import pytest
 from pipeline import faults, watchdog
 from pipeline.preemption import EXIT_PREEMPTED
 from pipeline.watchdog import EXIT_HUNG, Watchdog
-from tests.test_resume_exact import Job, held
+from runs import Job, held
 
 HOST = socket.gethostname()
 
@@ -142,6 +142,7 @@ HANG = {"distributed.hang_timeout_minutes": 0.1, "train.max_steps": 8, "checkpoi
 
 
 @pytest.mark.slow
+@pytest.mark.quick
 def test_a_stalled_rank_ends_the_job_with_its_name(digits_dir, tmp_path):
     run_dir = tmp_path / "run"
     job = Job(digits_dir, run_dir, env=faults.env(stall_rank=1, stall_at_step=3), **HANG)

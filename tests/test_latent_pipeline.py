@@ -137,6 +137,7 @@ def trained(latents) -> Path:
     return run_dir
 
 
+@pytest.mark.quick
 def test_latent_diffusion_trains_and_samples_decoded_images(latents, trained):
     assert sorted((trained / "samples").glob("*.png")), "no training grid"
     out = latents["root"] / "decoded.png"

@@ -294,6 +294,7 @@ def test_images_at_the_training_size_are_only_decoded():
 
 
 @pytest.mark.slow
+@pytest.mark.quick
 def test_launch_local_trains_on_the_bare_directory_at_a_smaller_size(peer_dir, digits_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(

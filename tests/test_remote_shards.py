@@ -243,6 +243,7 @@ def s3(tmp_path_factory, id_dir):
 
 
 @needs_s3
+@pytest.mark.slow
 def test_s3_prepared_directory_reads_like_local_files(s3, local_stream, local_stream_2_workers):
     shards = resolve_shards("s3://shards/ids")
     assert shards.manifest is not None and shards.counts == (ID_PER_SHARD,) * ID_SHARDS

@@ -4,17 +4,14 @@ Real `launch local --nproc 2` jobs (2 data workers per process) of a shrunk tiny
 here is what a cluster does when a job is cancelled or a node dies: every process of the job (the
 launcher, the trainers it started in their own sessions, their data workers) dies at once. The
 "random" moments come from a fixed `random.Random`, so a failure can be replayed; they are printed.
+The jobs (`Job`, the shrunk config `SHRUNK`) are tests/runs.py's.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,171 +21,9 @@ from safetensors.torch import load_file
 
 from pipeline import checkpoint, faults
 from pipeline.preemption import EXIT_PREEMPTED
+from runs import EVERY, MAX_STEPS, Job, finish, held
 
 pytestmark = pytest.mark.slow
-
-MAX_STEPS = 24
-EVERY = 3
-SHRUNK = {
-    "data.num_workers": 2,
-    "data.batch_size": 8,
-    "model.base_channels": 8,
-    "model.norm_groups": 4,
-    "model.channel_mult": "[1,2]",
-    "model.attention_resolutions": "[16]",
-    "data.image_size": 32,  # (the config trains at 8: attention at 16 needs 32)
-    "model.sample_steps": 2,
-    "train.max_steps": MAX_STEPS,
-    "train.warmup_steps": 4,
-    "train.log_every_steps": 1,  # metrics.jsonl then shows each step: the test's clock
-    "train.deterministic": "true",
-    "checkpoint.every_steps": EVERY,
-    "checkpoint.keep_last": 2,
-    "sample.every_steps": 0,
-    "sample.n": 2,
-    "eval.every_steps": 0,
-    "wandb.mode": "disabled",
-}
-LAUNCH_TIMEOUT_S = 240
-REPO = Path(__file__).resolve().parent.parent
-
-
-# ---------------------------------------------------------------------------------------------
-# Jobs
-
-
-class Job:
-    """One `launch local` of the run directory, in its own session."""
-
-    def __init__(self, digits_dir: Path, run_dir: Path, nproc: int = 2, env: dict | None = None, **extra):
-        values = {
-            "run_dir": run_dir,
-            "data.shards": digits_dir / "train",
-            "data.eval_shards": digits_dir / "test",
-            **SHRUNK,
-            **extra,
-        }
-        self.run_dir = run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = (
-            run_dir.parent / f"{run_dir.name}-launch-{len(list(run_dir.parent.glob(run_dir.name + '-launch-*')))}.log"
-        )
-        base = {k: v for k, v in os.environ.items() if not k.startswith("GENPIPE_")}
-        full_env = {**base, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "launch.cli", "local", "configs/tiny/ddpm.yaml",
-             *(f"{key}={value}" for key, value in values.items()), "--nproc", str(nproc)],
-            cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.started = time.monotonic()
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
-
-    def fail(self, message: str):
-        self.kill()
-        pytest.fail(f"{message}\n--- {self.log_path} ---\n{self.output()[-6000:]}")
-
-    def wait(self, timeout: float = LAUNCH_TIMEOUT_S) -> int:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.fail(f"launch did not finish within {timeout}s")
-
-    def logged_step(self) -> int:
-        return last_logged_step(self.run_dir)
-
-    def wait_until(self, condition, what: str, timeout: float = LAUNCH_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.process.poll() is not None:
-                self.fail(f"the job exited ({self.process.returncode}) before {what}")
-            if time.monotonic() > deadline:
-                self.fail(f"timed out waiting for {what}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL to every process of the job at once, as a cluster does; waits until all are gone."""
-        if self.process.poll() is not None and not _descendants(self.process.pid):
-            return
-        pids = _descendants(self.process.pid)
-        for group in [self.process.pid, *pids]:
-            # The launcher and each trainer lead a session; a trainer's data workers are in its group.
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in pids):
-            assert time.monotonic() < deadline, f"processes {pids} survived SIGKILL"
-            time.sleep(0.05)
-        self.log.close()
-
-    def terminate(self) -> None:
-        """SIGTERM to the launcher's process group, as Slurm's preemption or `scancel` sends it."""
-        os.killpg(self.process.pid, signal.SIGTERM)
-
-
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) from /proc (no psutil)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        table[int(entry)] = (int(fields[1]), fields[0])
-    return table
-
-
-def _descendants(pid: int) -> list[int]:
-    table = _process_table()
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, (ppid, state) in table.items():
-            if ppid == parent and state != "Z":
-                found.append(child)
-                frontier.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    state = _process_table().get(pid)
-    return state is not None and state[1] != "Z"
-
-
-def last_logged_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [0]
-    for line in path.read_text().splitlines():
-        try:
-            steps.append(json.loads(line)["step"])
-        except (json.JSONDecodeError, KeyError):
-            pass
-    return max(steps)
-
-
-def finish(digits_dir: Path, run_dir: Path, **kwargs) -> Job:
-    job = Job(digits_dir, run_dir, **kwargs)
-    code = job.wait()
-    if code != 0:
-        job.fail(f"the final launch exited with {code}")
-    return job
 
 
 def final_state(run_dir: Path) -> tuple[dict, dict, dict]:
@@ -230,11 +65,6 @@ def reference(digits, tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Tests
-
-
-def held(run_dir: Path) -> bool:
-    """Whether rank 0 is holding at a fault point (pipeline/faults.py), waiting for a signal."""
-    return (run_dir / "ranks" / "held-rank-00000").exists()
 
 
 def test_sigkill_at_random_moments_resumes_bit_exact(digits, reference, tmp_path):
@@ -341,6 +171,7 @@ def test_async_save_is_atomic_and_resumes_bit_exact(digits, reference, tmp_path)
     assert_bit_identical(run_dir, reference)
 
 
+@pytest.mark.quick
 def test_changing_the_process_count_resumes_the_data_exactly(digits, reference, tmp_path):
     # A 2-process run stopped at step 9: the reference run's directory without its later checkpoints.
     stopped = 9

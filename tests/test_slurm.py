@@ -313,10 +313,8 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("slurm-digits")
-    subprocess.run(["data-prep", "digits", str(root)], check=True, capture_output=True, timeout=300)
-    return root / "train"
+def digits(digits_dir) -> Path:
+    return digits_dir / "train"
 
 
 def tiny(run_dir: Path, shards: Path, max_steps: int, *extra: str) -> list[str]:
@@ -397,6 +395,7 @@ def start_requeued_job(job_id: str) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.quick
 def test_usr2_requeues_and_resumes_every_step_once(slurm_cluster, digits, tmp_path):
     run_dir = tmp_path / "run"
     max_steps, preempt_after = 24, 4

@@ -13,11 +13,11 @@ import signal
 
 import pytest
 import torch
-from test_train_e2e import TINY, Launch, overrides
 
 from conftest import run_cli
 from pipeline import checkpoint, faults, models, preemption
 from pipeline import config as config_module
+from runs import TINY, Launch, overrides
 
 EXIT_PREEMPTED = 75
 

@@ -38,6 +38,7 @@ def _artifacts(path: Path) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.quick
 def test_one_wandb_run_continues_at_the_right_step(resumed_run):
     from wandb_reader import read_run
 
@@ -68,6 +69,7 @@ def test_one_wandb_run_continues_at_the_right_step(resumed_run):
 
 
 @pytest.mark.slow
+@pytest.mark.quick
 def test_wandb_holds_throughput_mfu_images_config_artifacts_and_fid(resumed_run):
     from wandb_reader import read_run
 

@@ -141,6 +141,7 @@ def test_sample_run_dir_without_checkpoint(tmp_path, digits_dir):
 # --- (b) two processes ------------------------------------------------------------------------------
 
 
+@pytest.mark.quick
 def test_two_process_run(digits_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("launch", "local", TINY, *overrides(digits_dir, run_dir, **{"train.max_steps": 10}),
@@ -170,6 +171,7 @@ def test_two_process_run(digits_dir, tmp_path):
 # --- (c) stop with SIGTERM and resume -----------------------------------------------------------------
 
 
+@pytest.mark.quick
 def test_sigterm_stops_with_checkpoint_and_relaunch_resumes_exactly(resumed_run, digits_dir, tmp_path):
     check_resumed(resumed_run, nproc=1)
 
@@ -198,6 +200,7 @@ def test_sigterm_stops_and_resumes_two_processes(digits_dir, tmp_path):
 # --- (e) bad inputs through the command line -------------------------------------------------------
 
 
+@pytest.mark.quick
 def test_config_typo_exits_2_with_one_line_and_writes_nothing(digits_dir, tmp_path):
     text = (REPO / TINY).read_text().replace("  batch_size: 32\n", "  batch_sise: 32\n")
     assert "batch_sise" in text
@@ -221,6 +224,7 @@ def test_typo_in_override_exits_2(digits_dir, tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.quick
 def test_corrupt_shard_exits_2_before_training(digits_dir, tmp_path):
     import shutil
 

@@ -118,6 +118,21 @@ def test_linear_schedule_endpoints():
     assert betas[0] == 1e-4 and betas[-1] == 0.02 and betas.dtype == torch.float64
 
 
+def test_a_model_built_on_the_meta_device_is_all_meta():
+    # launch's preflight and the FLOP counts build models for their shapes only: a schedule left
+    # on the CPU would break any forward on meta tensors (and computing it on meta is slow).
+    from conftest import REPO
+    from pipeline import config as config_module
+
+    config = config_module.load(REPO / "configs" / "tiny" / "ddpm.yaml")
+    with torch.device("meta"):
+        model = build(config.model, config.data.image_size, config.data.channels)
+    assert {tensor.device.type for tensor in [*model.parameters(), *model.buffers()]} == {"meta"}
+    loss, _ = model.loss(torch.zeros(2, 1, config.data.image_size, config.data.image_size, dtype=torch.uint8,
+                                     device="meta"))
+    assert loss.device.type == "meta"
+
+
 def test_cosine_schedule_matches_closed_form():
     T, s = 1000, 0.008
     betas = beta_schedule("cosine", T)

@@ -297,8 +297,9 @@ class NoiseSchedule(nn.Module):
             "posterior_mean_coef2": (1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar),
             "model_log_variance": model_log_variance,
         }
+        device = torch.get_default_device()  # the meta device too, for a model built only for its shapes
         for name, value in buffers.items():
-            self.register_buffer(name, value.to(torch.float32), persistent=False)
+            self.register_buffer(name, value.to(device=device, dtype=torch.float32), persistent=False)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (Ho et al. eq. 4)."""

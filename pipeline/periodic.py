@@ -67,11 +67,11 @@ class Throughput:
     """MFU where the device's peak is known (pipeline/tracking.py) and the window's peak GPU memory.
     FLOPs per image are counted once, on rank 0, at the first logged step."""
 
-    def __init__(self, config, strategy, processes, model):
+    def __init__(self, config, strategy, processes, build_model):
         self.config = config
         self.strategy = strategy
         self.processes = processes
-        self.model = model
+        self.build_model = build_model
         self.peak = None
         self.flops_per_image = None
         self.counted = False
@@ -85,9 +85,9 @@ class Throughput:
             self.peak = tracking.peak_flops(device, self.config.train.mixed_precision, self.config.wandb.peak_tflops)
             if self.peak is not None and self.processes.is_main:
                 data = self.config.data
-                example = torch.randint(0, 256, (2, data.channels, data.image_size, data.image_size),
-                                        dtype=torch.uint8, device=device)
-                self.flops_per_image = tracking.flops_per_image(self.model, example, self.strategy.autocast())
+                example = torch.zeros((2, data.channels, data.image_size, data.image_size), dtype=torch.uint8,
+                                      device="meta")
+                self.flops_per_image = tracking.flops_per_image(self.build_model, example)
                 log.info("%.4g training FLOPs per image (forward+backward); peak %.4g FLOP/s per device",
                          self.flops_per_image, self.peak)
         fields = {}

@@ -266,22 +266,20 @@ def peak_flops(device, mixed_precision: str, override_tflops: float | None) -> f
     return None
 
 
-def flops_per_image(model, example, autocast) -> float:
-    """FLOPs of one training forward+backward per image, counted by FlopCounterMode (matmuls and
-    convolutions, 2 per multiply-add) on a copy of the model, RNG untouched."""
-    import copy
-
+def flops_per_image(build_model, example) -> float:
+    """FLOPs of one training forward+backward per image, counted by FlopCounterMode (matmuls,
+    convolutions and attention, 2 per multiply-add) on a twin that ``build_model()`` makes on the
+    meta device: no memory, no random numbers, and never the training model itself, which a
+    strategy may have wrapped into something that cannot be copied or run alone (FSDP2's and
+    ZeRO-3's parameters are shards). Attention counts as its matmuls on any device."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    devices = [example.device] if example.device.type == "cuda" else []
-    twin = copy.deepcopy(model)
+    with torch.device("meta"):
+        twin = build_model()
     twin.train()
-    with torch.random.fork_rng(devices=devices):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            with autocast:
-                loss, _ = twin(example)
-            loss.backward()
-    del twin
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = twin(example.to("meta"))
+        loss.backward()
     return counter.get_total_flops() / len(example)

@@ -120,7 +120,7 @@ class Trainer:
         self.fid = FidEval(config, processes, strategy, self.ema, self.eval_shards)
         self.sample_quality = SampleQualityEval(config, processes, strategy, self.ema)
         self.stop = StopSignal(config, processes)
-        self.throughput = Throughput(config, strategy, processes, model)
+        self.throughput = Throughput(config, strategy, processes, self.build_model)
         metrics_file = MetricsFile(self.run_dir.path, self.progress.step) if processes.is_main else None
         self.sink = MetricsSink(self.run_dir, self.tracker, processes, metrics_file=metrics_file)
         self._record_start()

@@ -410,8 +410,10 @@ def held(run_dir: Path) -> bool:
 
 # --- the sharded strategies' comparison (conftest.py's `ddp_reference`) ---------------------------
 
-SHARDED = {"train.max_steps": 6, "train.grad_accum": 2, "checkpoint.keep_last": 5, "sample.at_end": "false"}
-"""Six steps of `SHRUNK` with two micro-batches each: what every strategy trains to compare with DDP."""
+SHARDED = {"train.max_steps": 6, "train.grad_accum": 2, "checkpoint.keep_last": 5, "sample.at_end": "false",
+           "wandb.peak_tflops": 0.05}
+"""Six steps of `SHRUNK` with two micro-batches each, MFU logged (a GPU's peak is known): what every
+strategy trains to compare with DDP."""
 NAN_AT_4 = faults.env(nan_at_steps=[4])
 """Rank 0's loss is NaN at step 4: every strategy must skip that step and agree on the rest."""
 

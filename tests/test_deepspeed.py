@@ -137,6 +137,7 @@ def test_zero3_loss_matches_ddp_and_skips_the_same_nan_step(ddp_reference, ddpm_
     _, zero3_metrics, _ = ddpm_zero3
     _assert_losses_match(_metrics(ddp_reference), zero3_metrics, (1, 2, 3, 5, 6))
     assert zero3_metrics[4]["bad_steps"] == 1 and math.isnan(zero3_metrics[4]["loss"])
+    assert all(0 < record["mfu"] < 1 for record in zero3_metrics.values())  # FLOPs of a meta twin
 
 
 def test_zero2_pixelcnn_loss_matches_ddp(pixelcnn_ddp, pixelcnn_zero2):

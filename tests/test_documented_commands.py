@@ -319,8 +319,10 @@ def _cluster_up() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("document", [pytest.param(document, marks=[pytest.mark.quick] if document == "README.md" else [])
-                                      for document in DOCUMENTS])
+@pytest.mark.parametrize("document", [
+    pytest.param(document, marks=[pytest.mark.quick] if document == "README.md" else
+                 [pytest.mark.slurm] if any(SPECS[c.text].slurm for c in commands_in(document) if c.text in SPECS) else [])
+    for document in DOCUMENTS])
 def test_documented_commands_run_as_written(document, sandbox):
     repo, env = sandbox
     commands = commands_in(document)

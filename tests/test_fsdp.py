@@ -61,6 +61,9 @@ def test_losses_match_ddp_and_the_nan_step_is_skipped(fsdp_run, ddp_reference):
     assert fsdp[4]["bad_steps"] == 1 and math.isnan(fsdp[4]["loss"])
     assert [fsdp[step]["bad_steps"] for step in (1, 2, 3, 5, 6)] == [0] * 5
     assert fsdp[STEPS]["bad_steps_total"] == 1
+    # MFU is logged as on a GPU whose peak is known (its FLOPs counted on a meta twin, not on the
+    # sharded module, which cannot be copied), and agrees with DDP's count.
+    assert all(0 < fsdp[step]["mfu"] < 1 for step in fsdp)
     manifest = json.loads((checkpoint.checkpoints_dir(fsdp_run) / f"step-{STEPS:09d}" / "manifest.json").read_text())
     assert manifest["strategy"] == "fsdp"
     trainer_state = json.loads(

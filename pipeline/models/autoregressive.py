@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from pipeline.configbase import StrictModel
 from pipeline.errors import UserError
-from pipeline.models.base import GenerativeModel, to_unit_interval
+from pipeline.models.base import GenerativeModel, full_precision, to_unit_interval
 from pipeline.models.likelihoods import (
     discretized_mix_logistic_log_prob,
     mixture_param_channels,
@@ -449,7 +449,7 @@ class PixelCNNModel(GenerativeModel):
         for c in range(self.channels):
             params = self._subpixel_outputs(out, c)
             if self.config.output == "softmax":
-                with torch.autocast(device_type=out.device.type, enabled=False):
+                with full_precision(out):
                     log_probs = F.log_softmax(params.float(), dim=1)
                     term = log_probs.gather(1, x[:, c : c + 1].long()).squeeze(1)
             else:

@@ -43,6 +43,7 @@ computation.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable
 from typing import Literal
 
@@ -155,6 +156,14 @@ class HeldOutEstimator:
         if progress is not None:
             progress(1.0)
         return bits
+
+
+def full_precision(x: torch.Tensor):
+    """A context where ``x``'s device computes without autocast (likelihood terms, log-determinants).
+    None is needed on the meta device, where a model built for its shapes and FLOP count runs."""
+    if x.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def to_unit_interval(x: torch.Tensor) -> torch.Tensor:

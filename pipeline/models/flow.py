@@ -53,7 +53,7 @@ from torch import nn
 
 from pipeline.configbase import StrictModel
 from pipeline.errors import UserError
-from pipeline.models.base import GenerativeModel
+from pipeline.models.base import GenerativeModel, full_precision
 
 LOG_256 = math.log(256.0)
 
@@ -101,10 +101,6 @@ class FlowConfig(StrictModel):
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     """Log-determinants accumulate in float64 when the model runs in it, otherwise float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _no_autocast(x: torch.Tensor):
-    return torch.autocast(x.device.type, enabled=False)
 
 
 class ZeroConv2d(nn.Conv2d):
@@ -162,7 +158,7 @@ class ActNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not self._known_initialized:
-            if not bool(self.initialized):
+            if not x.is_meta and not bool(self.initialized):  # (on meta, a model of shapes only)
                 self._initialize(x)
             self._known_initialized = True
         y = (x + self.bias) * torch.exp(self.log_scale)
@@ -206,14 +202,14 @@ class InvertibleConv1x1(nn.Module):
         return self.permutation @ lower @ upper, self.log_s.sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with _no_autocast(x):
+        with full_precision(x):
             weight, logdet = self._weight_and_logdet_per_pixel()
         y = F.conv2d(x, weight.unsqueeze(-1).unsqueeze(-1)).to(x.dtype)
         logdet = logdet.to(_acc_dtype(x)) * (x.shape[2] * x.shape[3])
         return y, logdet.expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        with _no_autocast(y):
+        with full_precision(y):
             weight, _ = self._weight_and_logdet_per_pixel()
             inverse = torch.linalg.inv(weight.double()).to(weight.dtype)
         return F.conv2d(y, inverse.unsqueeze(-1).unsqueeze(-1)).to(y.dtype)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.models.base import to_unit_interval
+from pipeline.models.base import full_precision, to_unit_interval
 
 # Lower bound on log-scales: e^-7 ≈ 9e-4 is a quarter of a bin's half-width (1/255), so one
 # component can still put ~97% of its mass in one bin, while the gradients of
@@ -137,7 +137,7 @@ def discretized_mix_logistic_log_prob(x_uint8: Tensor, params: Tensor, num_mixtu
     """
     if x_uint8.dtype != torch.uint8:
         raise TypeError(f"x must be a uint8 batch, got {x_uint8.dtype}")
-    with torch.autocast(device_type=params.device.type, enabled=False):
+    with full_precision(params):
         return _log_prob_scaled(to_unit_interval(x_uint8), params.float(), num_mixtures)
 
 
@@ -159,7 +159,7 @@ def mixture_mean(params: Tensor, num_mixtures: int, channels: int) -> Tensor:
     E[x_c] = Σ_k π_k E[x_c | k], with E[x_c | k] = μ_c,k coupled to the earlier channels' means
     within component k (paper eq. 3); clipped to [-1, 1] and rounded to the nearest level. No
     noise: the image a decoder "means", not a draw from p(x|z)."""
-    with torch.autocast(device_type=params.device.type, enabled=False):
+    with full_precision(params):
         logits, means, _, coeffs = _split_params(params.float(), num_mixtures, channels)
         weights = torch.softmax(logits, dim=1)  # [B,K,H,W]
         levels, previous = [], []
@@ -186,7 +186,7 @@ def sample_discretized_mix_logistic(
     each channel is a logistic draw μ + s·(log u − log(1 − u)), rounded to the nearest level,
     and the quantised value (what the likelihood conditions on) feeds the next channel's mean.
     """
-    with torch.autocast(device_type=params.device.type, enabled=False):
+    with full_precision(params):
         params = params.float()
         logits, means, log_scales, coeffs = _split_params(params, num_mixtures, channels)
         b, k, h, w = logits.shape

@@ -296,3 +296,21 @@ def test_zero3_bf16_ema_averages_the_fp32_masters(digits_dir, tmp_path):
         assert master.dtype == average.dtype == torch.float32
         assert torch.equal(master, average), name
     assert any(not torch.equal(model.whole(name), model.whole(name).bfloat16().float()) for name in model.layout)
+
+
+def test_zero2_bf16_without_ema_samples_and_hashes_the_fp32_masters(digits_dir, tmp_path):
+    # Under bf16 the live ZeRO-1/2 module holds rounded copies of the weights: grids, evaluations
+    # and the end-of-run hash must use the fp32 masters (what the checkpoint holds), as ZeRO-3 does.
+    from launch.weights import load_model
+    from pipeline.trainer import weights_digest
+
+    run_dir = tmp_path / "zero2_bf16"
+    result = _ok(_launch(DDPM, digits_dir, run_dir, 2, **_deepspeed(2), **{
+        "train.mixed_precision": "bf16", "train.ema_halflife_images": "null", "train.ema_rampup_ratio": "null",
+        "train.grad_accum": 1, "checkpoint.every_steps": 2}))
+    assert (run_dir / "samples" / "step-000000002.png").is_file(), result.stderr[-2000:]
+    end = [json.loads(line) for line in (run_dir / "ranks" / "rank-00000.jsonl").read_text().splitlines()][-1]
+    masters, _, _ = load_model(run_dir, use_ema=False)
+    assert all(parameter.dtype == torch.float32 for parameter in masters.parameters())
+    assert end["event"] == "end" and end["weights_sha256"] == weights_digest(masters)
+

@@ -160,11 +160,16 @@ def test_a_stalled_rank_ends_the_job_with_its_name(digits_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_long_sample_grid_is_not_a_hang(digits_dir, tmp_path):
+@pytest.mark.parametrize("strategy", [
+    {},
+    # ZeRO-1 samples from its live module when the EMA is not used: that too is paused work.
+    {"distributed.strategy": "deepspeed", "deepspeed.zero_stage": 1, "sample.use_ema": "false"},
+], ids=["ddp", "zero1-live-weights"])
+def test_a_long_sample_grid_is_not_a_hang(digits_dir, tmp_path, strategy):
     # The grid holds (fault seam) until a stop signal, far longer than the hang timeout; the
     # watchdog must let it, and the job ends by the signal as usual.
     run_dir = tmp_path / "run"
-    job = Job(digits_dir, run_dir, env=faults.env(hold_in_grid=True), **{**HANG, "sample.every_steps": 2})
+    job = Job(digits_dir, run_dir, env=faults.env(hold_in_grid=True), **{**HANG, "sample.every_steps": 2, **strategy})
     job.wait_until(lambda: held(run_dir), "the hold inside the grid of step 2")
     timeout_s = HANG["distributed.hang_timeout_minutes"] * 60
     time.sleep(3 * timeout_s)

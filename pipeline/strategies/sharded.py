@@ -131,12 +131,16 @@ class ShardedStrategy(Strategy):
 
     @contextlib.contextmanager
     def whole_model(self, ema, use_ema: bool):
-        live = self.whole_module()
-        if live is not None and not (use_ema and ema is not None):
-            yield live
-            return
-        # Sampling and evaluation are legitimately long: not a stall (pipeline/watchdog.py).
+        # Sampling and evaluation are legitimately long: not a stall (pipeline/watchdog.py), on
+        # the live module too.
         with watchdog.paused():
+            live = self.whole_module()
+            if live is not None and not (use_ema and ema is not None) and all(
+                    parameter.dtype == torch.float32 for parameter in live.parameters()):
+                # ZeRO-1/2 in fp32: the live module holds the masters themselves. Under bf16 its
+                # weights are rounded copies: the masters are assembled instead, as for ZeRO-3.
+                yield live
+                return
             # Building initialises weights from the global RNG: keep training's streams untouched.
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 whole = self._build_model().to(self.device)

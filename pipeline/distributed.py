@@ -123,6 +123,14 @@ class Processes:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers into every rank's copy of ``module`` (collective)."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
     def broadcast_object(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank."""
         if self.world_size == 1:

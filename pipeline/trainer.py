@@ -231,11 +231,14 @@ class Trainer:
     @torch.no_grad()
     def _data_dependent_init(self) -> None:
         """The first batch through the model once, so data-initialised layers (Glow's ActNorm) set
-        themselves; the strategy then broadcasts rank 0's weights, and the EMA starts from them."""
+        themselves, each rank from its own batch; then rank 0's weights go to every rank (under
+        any strategy: FSDP2 would otherwise shard each rank's rows of its own weights), and the
+        EMA starts from them."""
         batch = self.batches.peek_batch()
         labels = batch.labels.to(self.processes.device) if self.conditional else None
         with self.strategy.autocast():
             self.model.loss(batch.images.to(self.processes.device), labels)
+        self.processes.broadcast_module(self.model)
 
     def _tracked_config(self) -> dict:
         tracked = config_module.to_dict(self.config)

@@ -332,10 +332,13 @@ class LoadedCheckpoint:
     def read(self, name: str) -> bytes:
         """A file's bytes, checked against the manifest's sha256 (the bytes actually decoded are
         the bytes that were verified, whichever rank or node reads them)."""
+        record = self.manifest.get("files", {}).get(name)
+        if record is None:  # nothing vouches for it: not written by this checkpoint's commit
+            raise UserError(f"checkpoint {self.path / name} is not listed in {self.path / 'manifest.json'}; "
+                            "refusing to read a file the checkpoint's commit did not record")
         data = (self.path / name).read_bytes()
         self.bytes_read += len(data)
-        record = self.manifest.get("files", {}).get(name)
-        if record is not None and hashlib.sha256(data).hexdigest() != record["sha256"]:
+        if hashlib.sha256(data).hexdigest() != record["sha256"]:
             raise UserError(
                 f"checkpoint {self.path / name} does not match its sha256 in the manifest "
                 "(changed after it was verified, or unreadable from this node)"

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import UserError
+
 SHARDS_FILE = "shards.json"
 SHARDS_FORMAT = "genpipe-shards/1"
 
@@ -207,6 +209,11 @@ class PartReader:
             if index.get("format") != SHARDS_FORMAT:
                 raise ValueError(f"{SHARDS_FILE}: unknown format {index.get('format')!r}")
             self.layout = Layout.from_json(index["parts"].get(part, {}))
+            try:
+                self.layout.check()
+            except AssertionError as exc:  # read from disk: damaged or edited, not our invariant
+                raise UserError(f"checkpoint {loaded.path / SHARDS_FILE}: {exc} (damaged or edited; "
+                                "resume from another checkpoint)") from None
         self._whole: dict[str, torch.Tensor] | None = None
         self._ranks: dict[int, dict[str, torch.Tensor]] = {}
 

@@ -6,6 +6,12 @@ now holds, whatever process count wrote them), then assembles what the ranks hol
 tensors and rank 0 writes them to OUT (safetensors): ``model/NAME``, ``ema/NAME`` and, for the
 sharded strategies, ``exp_avg/NAME`` and ``exp_avg_sq/NAME``, with the AdamW step in the metadata.
 It trains nothing. tests/test_sharded_checkpoints.py compares OUT with the checkpoint's files.
+
+The weights and AdamW moments are assembled by the libraries' own APIs, never by the project's
+layout (which wrote the checkpoint and reads it back): FSDP2's ``DTensor.full_tensor()`` and
+DeepSpeed's ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, so a wrong offset
+in the project's pieces cannot agree with itself. The EMA (the project's own pieces) and the
+buffers are assembled by the strategy.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ from safetensors.torch import save_file
 
 def main(argv: list[str]) -> int:
     from pipeline import config as config_module
-    from pipeline import sharding
     from pipeline.trainer import Trainer
 
     config_path, out, *overrides = argv
@@ -32,10 +37,7 @@ def main(argv: list[str]) -> int:
             state.update({f"ema/{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()})
     metadata = {}
     if hasattr(strategy, "moment_pieces"):
-        for moment in ("exp_avg", "exp_avg_sq"):
-            pieces = {f"{moment}/{name}": piece for name, piece in strategy.moment_pieces(moment).items()}
-            whole = sharding.assemble(strategy.layout.renamed(f"{moment}/"), pieces, processes)
-            state.update({name: tensor.cpu() for name, tensor in whole.items()})
+        state.update(library_whole(strategy))
         metadata["optimizer_step"] = str(strategy.optimizer_step_count())
     if processes.is_main:
         save_file({k: v.contiguous() for k, v in state.items()}, out, metadata=metadata)
@@ -43,6 +45,30 @@ def main(argv: list[str]) -> int:
     trainer.batches.close()
     processes.shutdown()
     return 0
+
+
+def library_whole(strategy) -> dict[str, torch.Tensor]:
+    """``model/NAME``, ``exp_avg/NAME``, ``exp_avg_sq/NAME`` of every parameter, whole, through the
+    distribution library's own API (collective)."""
+    whole: dict[str, torch.Tensor] = {}
+    moments = ("exp_avg", "exp_avg_sq")
+    if hasattr(strategy, "engine"):  # DeepSpeed ZeRO-1/2/3
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        for name, parameter in strategy.engine.module.named_parameters():
+            whole[f"model/{name}"] = safe_get_full_fp32_param(parameter)
+            for moment in moments:
+                value = safe_get_full_optimizer_state(parameter, moment)
+                whole[f"{moment}/{name}"] = value if value is not None else torch.zeros_like(whole[f"model/{name}"])
+    else:  # FSDP2: every parameter and its AdamW state are DTensors
+        for name, parameter in strategy.model.named_parameters():
+            whole[f"model/{name}"] = parameter.detach().full_tensor()
+            state = strategy.optimizer.state.get(parameter, {})
+            for moment in moments:
+                value = state.get(moment)
+                whole[f"{moment}/{name}"] = (value.full_tensor() if value is not None
+                                             else torch.zeros_like(whole[f"model/{name}"]))
+    return {name: tensor.detach().float().cpu().clone() for name, tensor in whole.items()}
 
 
 if __name__ == "__main__":

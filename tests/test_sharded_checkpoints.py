@@ -8,7 +8,9 @@ in the manifest and a changed one is refused.
 Job level (slow): for DeepSpeed ZeRO-1, ZeRO-2, ZeRO-3 and FSDP2, a 2-process job of the tiny DDPM
 writes a checkpoint, a 1-process job loads it (2 -> 1) and goes on to write its own, which a
 2-process job loads (1 -> 2). What each resumed job holds (weights, EMA, AdamW moments and step,
-assembled whole by tests/sharded_probe.py) must equal the checkpoint's files bit for bit. Under
+assembled whole by tests/sharded_probe.py: weights and moments through FSDP2's ``full_tensor`` and
+DeepSpeed's ``safe_get_full_*``, not the project's layout) must equal the checkpoint's files,
+read through the project's layout, bit for bit. Under
 ZeRO-3 and FSDP2 no rank writes another's pieces: each rank's files hold exactly its own part.
 """
 

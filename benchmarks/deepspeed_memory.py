@@ -7,7 +7,7 @@ the first, and the peak memory per process from the run's rank records (``peak_c
 on GPUs, ``peak_rss_mb`` always; the maximum over ranks and both launches).
 
 GPU (the figures for docs/benchmarks.md), on the configs' own data (prepared as their comments
-say), or, where none is there (the lent GPU machine reaches no network), on ``--synthetic-images
+say), or, where none is there (a GPU machine with no network to fetch them), on ``--synthetic-images
 N`` photo crops (benchmarks/loader.py) written at each config's image size by ``data-prep images``:
 
     python benchmarks/deepspeed_memory.py --steps 300 --nproc 1 --synthetic-images 1024 \

@@ -15,7 +15,12 @@ def _local(args) -> int:
     from pipeline import config as config_module
 
     config = config_module.load(args.config, args.overrides)
-    return launch_local(config, args.nproc)
+    code = launch_local(config, args.nproc)
+    if args.nproc == 1:  # this process trained: it ends as every training process does
+        from pipeline.distributed import leave
+
+        leave(code)
+    return code
 
 
 def _sample(args) -> int:

@@ -50,7 +50,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from launch import slurm_queries as queries
 from launch.slurm_queries import ACTIVE_STATES, JOB_FILE, SUBMITIT_FOLDER, exit_status, job_state, read_job
@@ -386,7 +386,8 @@ class SlurmEntry:
 
     config_path: str
 
-    def __call__(self) -> int:
+    def __call__(self) -> NoReturn:
+        """Train, then end this task's process with its exit status (`pipeline.distributed.leave`)."""
         # First: replace submitit's USR2 handler (requeue without a checkpoint) by the flag.
         preemption.install()
         os.environ.update(distributed_env())
@@ -403,6 +404,7 @@ class SlurmEntry:
 
         from pipeline import config as config_module
         from pipeline import trainer, watchdog
+        from pipeline.distributed import leave
 
         try:
             config = config_module.load(self.config_path)
@@ -416,16 +418,15 @@ class SlurmEntry:
             print(f"error: [rank {rank}] {one_line(exc)}", file=sys.stderr, flush=True)
             if rank == 0:
                 _event(run_dir, "end", job_id=job_id, exit_code=UserError.exit_code, error=one_line(exc))
-            raise SystemExit(UserError.exit_code) from None
+            leave(UserError.exit_code)
         if code != preemption.EXIT_PREEMPTED:
             if rank == 0:
                 _event(run_dir, "end", job_id=job_id, exit_code=code)
-            if code:
-                raise SystemExit(code)
-            return code
-
+            leave(code)
+        # The caller exits 75; non-zero ranks exit 0 instead so that srun's --kill-on-bad-exit
+        # cannot stop rank 0 before it has requeued the job.
         self._after_stop(run_dir, job_id, rank, config.slurm.max_requeues)
-        raise SystemExit(code)
+        leave(code if rank == 0 else 0)
 
     @staticmethod
     def _after_stop(run_dir: Path, job_id: str, rank: int, max_requeues: int) -> None:
@@ -434,9 +435,7 @@ class SlurmEntry:
         signame = signal.Signals(signum).name if signum else "another rank's signal"
         if rank != 0:
             print(f"rank {rank}: stopped by {signame}, checkpoint saved", flush=True)
-            # The caller exits 75; non-zero ranks exit 0 instead so that srun's
-            # --kill-on-bad-exit cannot stop rank 0 before it has requeued the job.
-            raise SystemExit(0)
+            return
         _event(run_dir, "stopped", job_id=job_id, signal=signame)
         # None: the stop came from another rank's signal (Slurm signals every task alike).
         if signum is not None and signum not in REQUEUE_SIGNALS:

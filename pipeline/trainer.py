@@ -357,4 +357,6 @@ def _peer_failed(exc: BaseException) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.distributed import leave
+
+    leave(main())

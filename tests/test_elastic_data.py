@@ -98,8 +98,17 @@ def test_global_batches_are_the_same_whatever_the_processes_workers_and_accumula
                 batches.close()
 
 
+def closed(ranks: list[TrainingBatches]) -> list[TrainingBatches]:
+    """The ranks, their data workers shut down (left to garbage collection, each costs 10 s)."""
+    for batches in ranks:
+        batches.close()
+    return ranks
+
+
 def test_a_job_stopped_and_resumed_on_other_process_counts_reads_the_uninterrupted_batches(id_shards):
-    reference = global_steps(job(id_shards, 2, 2, 4), 15)
+    reference_job = job(id_shards, 2, 2, 4)
+    reference = global_steps(reference_job, 15)
+    closed(reference_job)
     # 2 processes × 2 workers for 4 steps; 1 process (accumulating 2 micro-batches) to step 9;
     # 4 processes to step 15. Each resume gets only the checkpoint's data state.
     first = job(id_shards, 2, 2, 4)
@@ -108,8 +117,7 @@ def test_a_job_stopped_and_resumed_on_other_process_counts_reads_the_uninterrupt
     got += global_steps(second, 5, grad_accum=2)
     third = job(id_shards, 4, 0, 2, state=stopped(second, 9))
     got += global_steps(third, 6)
-    for batches in third:
-        batches.close()
+    closed(third)
     same_steps(got, reference)
 
 
@@ -118,11 +126,13 @@ def test_the_same_process_count_resumes_exactly_mid_round(id_shards):
     # falls inside a round.
     reference = job(id_shards, 2, 1, 3)
     want = [[int(i) for i in next(batches)[:, 0, 0, 0]] for _ in range(9) for batches in reference]
+    closed(reference)
     first = job(id_shards, 2, 2, 3)
     got = [[int(i) for i in next(batches)[:, 0, 0, 0]] for _ in range(5) for batches in first]
     state = stopped(first, 5, global_batch=6)
     resumed = job(id_shards, 2, 0, 3, state=state)
     got += [[int(i) for i in next(batches)[:, 0, 0, 0]] for _ in range(4) for batches in resumed]
+    closed(resumed)
     assert [sorted(batch) for batch in got] == [sorted(batch) for batch in want]
     # ... and refuses another process count, where it could not be exact
     with pytest.raises(UserError) as info:

@@ -25,7 +25,6 @@ Images/s per worker divide by the worker count (by 1 for 0 workers: the main pro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import io
 import json
@@ -70,13 +69,16 @@ def flops(paths: list[str]) -> list[dict]:
         if latent:
             channels = model_config.latent_channels or 4  # an autoencoder run's channels; 4 in the configs here
             model_config = model_config.model_copy(update={"autoencoder": None, "latent_channels": channels})
+        def build(model_config=model_config, data=data):
+            return models.build(model_config, data.image_size, data.channels)
+
         with torch.device("meta"):
-            model = models.build(model_config, data.image_size, data.channels)
+            model = build()
             if latent:
                 example = torch.zeros(1, 2 * channels, data.image_size, data.image_size, dtype=torch.float16)
             else:
                 example = torch.zeros(1, data.channels, data.image_size, data.image_size, dtype=torch.uint8)
-        total = flops_per_image(model, example, contextlib.nullcontext())
+        total = flops_per_image(build, example)
         shape = model.image_shape
         rows.append({"config": path, "what": "training forward+backward per image",
                      "input": "x".join(str(s) for s in shape), "gflops_per_image": total / 1e9,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import checkpoint, conditioning
+from pipeline import checkpoint, conditioning, runlock
 from pipeline import config as config_module
 from pipeline.config import RunConfig
 from pipeline.data import plan_layout, resolve_shards, resume_problem
@@ -117,6 +117,16 @@ def launch_local(config: RunConfig, nproc: int) -> int:
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1 (got {nproc})")
     preflight(config, nproc)
+    # The run directory is this job's for as long as the launcher lives; its processes work
+    # under the launcher's lock (pipeline/runlock.py).
+    lock = runlock.acquire(config.run_dir)
+    try:
+        return _launch_under_lock(config, nproc, lock)
+    finally:
+        lock.release()
+
+
+def _launch_under_lock(config: RunConfig, nproc: int, lock: runlock.RunLock) -> int:
     warn_if_config_changed(config)
     config_path = write_resolved_config(config)
     if nproc == 1:
@@ -138,6 +148,7 @@ def launch_local(config: RunConfig, nproc: int) -> int:
             MASTER_PORT=str(port),
             PYTHONUNBUFFERED="1",
         )
+        env[runlock.TOKEN_VARIABLE] = lock.token
         if nproc > 1:
             env.setdefault("OMP_NUM_THREADS", str(threads))
         processes.append(

@@ -54,7 +54,7 @@ from typing import Any, NoReturn, TextIO
 
 from launch import slurm_queries as queries
 from launch.slurm_queries import ACTIVE_STATES, JOB_FILE, SUBMITIT_FOLDER, exit_status, job_state, read_job
-from pipeline import preemption
+from pipeline import preemption, runlock
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 
@@ -185,6 +185,7 @@ def submit(config: Any, check_partition: bool = True) -> dict[str, Any]:
     # The login node sees the shared file system the nodes see: check the shards here, before
     # the job waits in the queue only to fail.
     preflight(config, config.slurm.nodes * tasks_per_node(config.slurm))
+    runlock.check_free(run_dir)  # a `launch local` or another cluster's job training into it
     warn_if_config_changed(config)
     config_path = write_resolved_config(config)
     folder.mkdir(parents=True, exist_ok=True)

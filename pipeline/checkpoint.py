@@ -203,8 +203,14 @@ def commit(
     records: dict[str, dict],
     keep_last: int,
     extra: dict | None = None,
+    lost: Callable[[], str | None] | None = None,
 ) -> Path:
-    """Rank 0, after every rank wrote: manifest last, then the atomic rename, then pruning."""
+    """Rank 0, after every rank wrote: manifest last, then the atomic rename, then pruning.
+
+    ``lost`` (pipeline/runlock.py's `RunLock.lost`) says whether another job has taken the run
+    directory since: then nothing is renamed or pruned, and a `UserError` says so."""
+    if lost is not None and (message := lost()):
+        raise UserError(message)
     staging = staging_path(run_dir, step)
     manifest = {
         "format": CHECKPOINT_FORMAT,
@@ -271,6 +277,13 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def verify(path: Path) -> dict:
     """The manifest of a complete, intact checkpoint; ValueError saying what is wrong otherwise."""
+    manifest = read_manifest(path)
+    verify_files(path, manifest, manifest.get("files", {}))
+    return manifest
+
+
+def read_manifest(path: Path) -> dict:
+    """A checkpoint's manifest, if it is there and of this format (ValueError otherwise)."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise ValueError("no manifest.json (the write was interrupted)")
@@ -280,7 +293,13 @@ def verify(path: Path) -> dict:
         raise ValueError(f"manifest.json is not valid JSON ({exc})") from None
     if manifest.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"unknown checkpoint format {manifest.get('format')!r}")
-    for name, record in manifest.get("files", {}).items():
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict, names) -> None:
+    """Each of ``names`` is there with the manifest's size and sha256 (ValueError otherwise)."""
+    for name in names:
+        record = manifest["files"][name]
         file_path = path / name
         if not file_path.is_file():
             raise ValueError(f"{name} is missing")
@@ -293,7 +312,21 @@ def verify(path: Path) -> dict:
                 digest.update(block)
         if digest.hexdigest() != record["sha256"]:
             raise ValueError(f"{name} does not match its sha256 in the manifest (corrupted)")
-    return manifest
+
+
+def share_of_files(manifest: dict, rank: int, world_size: int) -> list[str]:
+    """The files of a checkpoint that ``rank`` of ``world_size`` verifies on resume: every file is
+    someone's, once, the largest first to whoever has the fewest bytes so far (the same answer on
+    every rank), so that verifying takes about 1/world_size of hashing them all in one place."""
+    load = [0] * world_size
+    mine = []
+    files = manifest.get("files", {})
+    for name in sorted(files, key=lambda n: (-int(files[n]["bytes"]), n)):
+        least = min(range(world_size), key=lambda r: (load[r], r))
+        load[least] += int(files[name]["bytes"])
+        if least == rank:
+            mine.append(name)
+    return mine
 
 
 def latest_valid(run_dir: str | os.PathLike, warn: Callable[[str], None] | None = None) -> tuple[Path, dict] | None:
@@ -396,8 +429,10 @@ class BackgroundWriter:
     """
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int,
-                 pause: Callable[[int, int, int], None] | None = None):
+                 pause: Callable[[int, int, int], None] | None = None,
+                 lost: Callable[[], str | None] | None = None):
         self.run_dir = Path(run_dir)
+        self.lost = lost  # rank 0: whether another job has taken the run directory (`commit`)
         self.pause = pause  # fault injection (pipeline/faults.py): called between write and commit
         self.rank = rank
         self.world_size = world_size
@@ -438,6 +473,8 @@ class BackgroundWriter:
         waited = time.perf_counter() - started
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, UserError):
+                raise error
             raise RuntimeError(f"asynchronous checkpoint of step {self._step} failed: {error}") from error
         return waited
 
@@ -460,7 +497,7 @@ class BackgroundWriter:
             errors = [part["__error__"] for part in gathered if "__error__" in part]
             if self.rank == 0 and not errors:
                 merged = {name: record for part in gathered for name, record in part.items()}
-                path = commit(self.run_dir, step, images_seen, merged, self.keep_last, extra)
+                path = commit(self.run_dir, step, images_seen, merged, self.keep_last, extra, self.lost)
                 log.info("checkpoint %s (written in the background in %.1fs)", path, time.perf_counter() - started)
             elif self.rank == 0 and self._error is None:
                 self._error = RuntimeError("; ".join(errors) + " (nothing was committed)")

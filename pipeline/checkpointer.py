@@ -32,6 +32,7 @@ import torch
 from pipeline import checkpoint, watchdog
 from pipeline.checkpoint import LoadedCheckpoint
 from pipeline.data import saved_stream
+from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline.trainer")
 
@@ -161,8 +162,9 @@ class Resume:
 class Checkpointer:
     """Writes the training state every ``checkpoint.every_steps``, at the end and on a stop."""
 
-    def __init__(self, run_dir, config, processes, faults):
+    def __init__(self, run_dir, config, processes, faults, lock=None):
         self.run_dir = run_dir
+        self.lock = lock  # rank 0's hold on run_dir (pipeline/runlock.py); None on the other ranks
         self.config = config
         self.processes = processes
         self.faults = faults
@@ -173,15 +175,32 @@ class Checkpointer:
         self.writer = None
 
     def find(self) -> Resume | None:
-        """The newest intact checkpoint of the run (collective: rank 0 chooses, verifying each
-        hash once; every file any rank reads later is checked against the manifest as read)."""
+        """The newest intact checkpoint of the run (collective). Every rank verifies its share of
+        each candidate's files (`checkpoint.share_of_files`: sizes and sha256, in parallel, so a
+        terabyte is not hashed by rank 0 alone while the others wait) and the verdicts are
+        gathered: the newest that every rank passed is chosen, and a damaged newer one is named
+        and skipped. Every file any rank reads later is checked against the manifest again as read."""
         processes = self.processes
-        choice = None
+        candidates = None
         if processes.is_main:
             checkpoint.remove_staging(self.run_dir.path)
-            found = self.run_dir.latest_checkpoint()
-            choice = (str(found[0]), found[1]) if found else None
-        choice = processes.broadcast_object(choice)
+            candidates = [str(path) for _, path in reversed(checkpoint.list_checkpoints(self.run_dir.path))]
+        candidates = processes.broadcast_object(candidates)
+        choice = None
+        for candidate in candidates:
+            path, manifest, problem = Path(candidate), None, None
+            try:
+                manifest = checkpoint.read_manifest(path)
+                checkpoint.verify_files(path, manifest,
+                                        checkpoint.share_of_files(manifest, processes.rank, processes.world_size))
+            except (ValueError, KeyError, OSError) as exc:
+                problem = str(exc)
+            problems = [p for p in processes.all_gather_objects(problem) if p]
+            if not problems:
+                choice = (candidate, manifest)
+                break
+            if processes.is_main:
+                log.warning("checkpoint %s is unusable: %s; trying the previous one", path, problems[0])
         if choice is None:
             return None
         resume = Resume(LoadedCheckpoint(Path(choice[0]), choice[1]), processes, self.config.seed, self.run_dir)
@@ -194,8 +213,12 @@ class Checkpointer:
         if self.config.checkpoint.async_save:
             self.writer = checkpoint.BackgroundWriter(
                 self.run_dir.path, self.processes.rank, self.processes.world_size,
-                self.config.checkpoint.keep_last, pause=self.faults.pause_in_checkpoint,
+                self.config.checkpoint.keep_last, pause=self.faults.pause_in_checkpoint, lost=self.lost,
             )
+
+    def lost(self) -> str | None:
+        """Rank 0: why this job may no longer write to run_dir (another job took it), or None."""
+        return self.lock.lost() if self.lock is not None else None
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
@@ -223,9 +246,14 @@ class Checkpointer:
         window.check_health(self.config.train.max_bad_steps, progress.step, self.run_dir.newest_checkpoint_name())
         started = time.perf_counter()
         parts, fields = strategy.checkpoint_parts(ema)  # this rank's files; collective for sharded strategies
+        lost = None
         if processes.is_main:
-            checkpoint.prepare_staging(run_dir, progress.step)
-        processes.barrier()
+            lost = self.lost()
+            if lost is None:
+                checkpoint.prepare_staging(run_dir, progress.step)
+        lost = processes.broadcast_object(lost)  # every rank stops alike if another job took run_dir
+        if lost:
+            raise UserError(lost)
         rng_plain, rng_tensors = rng_state()
         parts[checkpoint.rank_file(processes.rank, "json")] = (
             "json", {"rng": rng_plain, "data": batches.state_dict()})
@@ -250,12 +278,18 @@ class Checkpointer:
         written = time.perf_counter() - started
         self.faults.pause_in_checkpoint(progress.step, processes.rank, processes.world_size)
         gathered = processes.all_gather_objects(records)
+        lost = None
         if processes.is_main:
             merged = {name: record for part in gathered for name, record in part.items()}
-            path = checkpoint.commit(run_dir, progress.step, progress.images_seen, merged,
-                                     self.config.checkpoint.keep_last, extra)
-            log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - started)
-        processes.barrier()
+            try:
+                path = checkpoint.commit(run_dir, progress.step, progress.images_seen, merged,
+                                         self.config.checkpoint.keep_last, extra, self.lost)
+                log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - started)
+            except UserError as exc:
+                lost = str(exc)
+        lost = processes.broadcast_object(lost)  # also the barrier: committed before anyone goes on
+        if lost:
+            raise UserError(lost)
         self.run_dir.rank_record(
             processes.rank, "checkpoint", step=progress.step, write_s=round(written, 3),
             save_s=round(time.perf_counter() - started, 3),

@@ -9,6 +9,7 @@ A run directory is the whole state of a run (docs/architecture.md)::
     eval/                launch eval results
     ranks/               rank-RRRRR.jsonl: each process's start/end records
     wandb_run_id         the W&B run this directory continues
+    run.lock             the job training into it now (pipeline/runlock.py)
 
 Files other processes or a later launch read are written atomically (`atomic_write`: a temporary
 name in the same directory, fsync, rename), so a reader sees the old file or the new one, never

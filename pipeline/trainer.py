@@ -14,7 +14,8 @@ it trains. Its parts, each in its own module:
   metrics sink; each decides when it acts.
 
 Starting a process is the one place where order matters, and `Trainer.__init__` reads in that
-order: the checkpoint to resume from is chosen first; the data loader starts at its position;
+order: rank 0 takes the run directory's lock (pipeline/runlock.py) before it writes anything
+there; the checkpoint to resume from is chosen next; the data loader starts at its position;
 the weights are loaded (or initialised from data) into the plain model before the strategy wraps
 it, because a ZeRO engine takes ownership of them; the optimizer's state follows the wrapping.
 """
@@ -30,7 +31,7 @@ import sys
 
 import torch
 
-from pipeline import conditioning, models, preemption, strategies
+from pipeline import conditioning, models, preemption, runlock, strategies
 from pipeline import config as config_module
 from pipeline.checkpointer import Checkpointer, seed_process
 from pipeline.config import RunConfig
@@ -51,11 +52,39 @@ __all__ = ["EXIT_DIVERGED", "Trainer", "TrainingDiverged", "learning_rate", "run
 
 class Trainer:
     def __init__(self, config: RunConfig, faults: Faults | None = None):
-        self.config, train, data = config, config.train, config.data
+        self.config = config
         self.faults = faults if faults is not None else Faults.from_environment()
         self.run_dir = RunDir(config.run_dir)
         self.strategy = strategy = strategies.build(config)
-        self.processes = processes = strategy.start()
+        self.processes = strategy.start()
+        # 0. The run directory is this job's alone (pipeline/runlock.py): rank 0 holds its lock
+        #    before anything in it is written or removed; every rank stops alike if it is taken.
+        self.lock, refused = None, None
+        if self.processes.is_main:
+            try:
+                self.lock = runlock.acquire(config.run_dir)
+            except UserError as exc:
+                refused = str(exc)
+        refused = self.processes.broadcast_object(refused)
+        if refused:
+            raise UserError(refused)
+        try:
+            self._build()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of the run directory (rank 0; the end of `run`, or a failed start)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _build(self) -> None:
+        config, train, data, strategy, processes = (self.config, self.config.train, self.config.data,
+                                                     self.strategy, self.processes)
+        if processes.is_main:
+            self.run_dir.write_config(config)
         device = processes.device
         if train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -65,7 +94,7 @@ class Trainer:
         FidEval.check_config(config)
 
         # 1. The checkpoint to resume from, if any (rank 0 chooses for all).
-        self.checkpointer = Checkpointer(self.run_dir, config, processes, self.faults)
+        self.checkpointer = Checkpointer(self.run_dir, config, processes, self.faults, self.lock)
         resume = self.checkpointer.find()
         if resume is not None:
             strategy.check_compatible(resume.trainer_state, resume.path)
@@ -311,9 +340,7 @@ def write_resolved_config(config: RunConfig):
 def run(config: RunConfig) -> int:
     """Train in this process (one of WORLD_SIZE); 0 when finished, EXIT_PREEMPTED when stopped."""
     preemption.install()
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_resolved_config(config)
-    trainer = Trainer(config)
+    trainer = Trainer(config)  # holds run_dir and writes its config.yaml (rank 0)
     try:
         return trainer.fit()
     except BaseException:
@@ -321,6 +348,7 @@ def run(config: RunConfig) -> int:
         raise
     finally:
         trainer.processes.shutdown()
+        trainer.release()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -331,3 +331,37 @@ def test_copied_checkpoint_still_verifies(tmp_path):
     path = save(tmp_path / "a", 10)
     copy = shutil.copytree(path, tmp_path / "b" / "checkpoints" / path.name)
     assert checkpoint.verify(Path(copy))["step"] == 10
+
+
+def test_each_rank_verifies_a_share_of_the_files_and_every_file_is_someones():
+    sizes = {"model.rank-00000.safetensors": 900, "model.rank-00001.safetensors": 900, "ema.safetensors": 500,
+             "trainer.json": 10, "rank-00000.json": 20, "rank-00001.json": 20, "shards.json": 5}
+    manifest = {"files": {name: {"bytes": size, "sha256": "-"} for name, size in sizes.items()}}
+    for world_size in (1, 2, 3, 8):
+        shares = [checkpoint.share_of_files(manifest, rank, world_size) for rank in range(world_size)]
+        assert sorted(name for share in shares for name in share) == sorted(sizes)  # each file once
+        loads = [sum(sizes[name] for name in share) for share in shares]
+        assert max(loads) <= max(sizes.values()) + sum(sizes.values()) / world_size
+    assert [sum(sizes[n] for n in checkpoint.share_of_files(manifest, r, 2)) for r in (0, 1)] == [1400, 955]
+
+
+@pytest.mark.slow
+def test_a_file_only_rank_1_verifies_still_sets_the_checkpoint_aside(ddp_reference, digits_dir, tmp_path):
+    """Two processes resume; the damaged file of the newest checkpoint is in rank 1's share of the
+    verification, and the job goes back to the checkpoint before it, saying why."""
+    from runs import SHARDED, Job
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(ddp_reference, run_dir)
+    newest = checkpoint.checkpoints_dir(run_dir) / "step-000000006"
+    manifest = json.loads((newest / "manifest.json").read_text())
+    damaged = checkpoint.share_of_files(manifest, 1, 2)[0]
+    with open(newest / damaged, "r+b") as handle:
+        first = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([first[0] ^ 0xFF]))
+    job = Job(digits_dir, run_dir, **SHARDED)
+    assert job.wait() == 0, job.output()[-4000:]
+    output = job.output()
+    assert f"checkpoint {newest} is unusable: {damaged} does not match its sha256" in output, output[-4000:]
+    assert "resumed from" in output and "step-000000003 (step 3," in output, output[-4000:]

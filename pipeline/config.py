@@ -255,18 +255,32 @@ class DistributedConfig(StrictModel):
     (Slurm jobs are requeued). Checkpoints, sample grids and evaluations are not timed. 0: off;
     None: a third of ``timeout_minutes``, at most 10."""
 
+    paused_timeout_minutes: float | None = Field(default=None, ge=0)
+    """The deadline of the work the hang timeout does not time (a checkpoint, a sample grid, an
+    evaluation, FID): a rank still inside one after this long ends the job as a hang does,
+    naming the rank furthest behind (the one that has not reached the collective its peers wait
+    in). 0: off (a stuck rank is then left to the collective timeout); None: 0.9 of
+    ``timeout_minutes``, so that the rank is named before its peers' collectives fail."""
+
     def resolved_hang_timeout_minutes(self) -> float:
         if self.hang_timeout_minutes is None:
             return min(10.0, self.timeout_minutes / 3)
         return self.hang_timeout_minutes
 
+    def resolved_paused_timeout_minutes(self) -> float:
+        if self.paused_timeout_minutes is None:
+            return 0.9 * self.timeout_minutes
+        return self.paused_timeout_minutes
+
     @model_validator(mode="after")
     def _hang_before_collective_timeout(self) -> DistributedConfig:
-        if self.hang_timeout_minutes is not None and self.hang_timeout_minutes >= self.timeout_minutes:
-            raise ValueError(
-                f"hang_timeout_minutes ({self.hang_timeout_minutes:g}) must be below timeout_minutes "
-                f"({self.timeout_minutes:g}), or a stalled rank fails its peers' collectives first"
-            )
+        for key in ("hang_timeout_minutes", "paused_timeout_minutes"):
+            value = getattr(self, key)
+            if value is not None and value >= self.timeout_minutes:
+                raise ValueError(
+                    f"{key} ({value:g}) must be below timeout_minutes "
+                    f"({self.timeout_minutes:g}), or a stalled rank fails its peers' collectives first"
+                )
         return self
 
 

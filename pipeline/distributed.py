@@ -71,7 +71,8 @@ class Processes:
         from pipeline.watchdog import Watchdog
 
         processes.watchdog = Watchdog(distributed_config.resolved_hang_timeout_minutes() * 60, processes.rank,
-                                       processes.world_size)
+                                       processes.world_size,
+                                       paused_timeout_s=distributed_config.resolved_paused_timeout_minutes() * 60)
         return processes
 
     def ensure_group(self, backend: str) -> None:
@@ -97,12 +98,14 @@ class Processes:
 
     def barrier(self) -> None:
         if self.world_size > 1:
+            _entering_collective()
             dist.barrier()
 
     def any_flag(self, local: int) -> int:
         """The largest of every process's ``local`` integer (host-side; collective)."""
         if self.world_size == 1:
             return local
+        _entering_collective()
         flag = torch.tensor([int(local)], dtype=torch.int64)
         if self.control_group is None and self.backend != "gloo":
             flag = flag.to(self.device)
@@ -120,6 +123,7 @@ class Processes:
     def all_gather_objects(self, value: Any) -> list[Any]:
         if self.world_size == 1:
             return [value]
+        _entering_collective()
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, value)
         return gathered
@@ -136,6 +140,7 @@ class Processes:
         """Rank 0's ``value`` on every rank."""
         if self.world_size == 1:
             return value
+        _entering_collective()
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -145,6 +150,14 @@ class Processes:
             self.watchdog.stop()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _entering_collective() -> None:
+    """Counted by the hang watchdog: inside long untimed work, the rank that has entered the fewest
+    collectives is the one its peers are waiting for (pipeline/watchdog.py)."""
+    from pipeline import watchdog
+
+    watchdog.entering_collective()
 
 
 def leave(code: int) -> NoReturn:

@@ -109,7 +109,7 @@ class Faults:
         if self.log_sample_keys:
             write_consumed(step, run_dir, rank)
         if self.hold_after_step is not None and step == self.hold_after_step:
-            with watchdog.paused():  # a wait the test asked for, not a stall
+            with watchdog.paused(deadline=False):  # a wait the test asked for, not a stall
                 hold(f"after step {step}", run_dir, rank, stop_requested)
 
     def in_grid(self, run_dir: Path, rank: int, stop_requested: Callable[[], bool]) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline import watchdog
 from pipeline.errors import UserError
 
 SHARDS_FILE = "shards.json"
@@ -156,6 +157,7 @@ def assemble(layout: Layout, local: dict[str, torch.Tensor], processes, device: 
         if world_size == 1:
             flat = mine.detach().reshape(-1).clone()
         else:
+            watchdog.entering_collective()
             longest = max(p.length for p in tensor.pieces)
             padded = torch.zeros(longest, dtype=dtype, device=processes.device)
             if mine is not None:

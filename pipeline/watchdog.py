@@ -12,7 +12,13 @@ Only the training loop is measured. Work that is legitimately long and collectiv
 writes, sample grids, held-out evaluation, FID: everything inside `Strategy.whole_model` and
 `Checkpointer.save`) runs inside `paused()`, and the clock restarts when it ends; the watchdog is
 armed only after the first step of a launch (start-up, a resume's data replay and the first
-step's compilation are never timed) and disarmed by the final checkpoint.
+step's compilation are never timed) and disarmed by the final checkpoint. Paused work has a
+deadline of its own, ``distributed.paused_timeout_minutes`` (by default 0.9 of the collective
+timeout): a rank stuck inside it (a write that never returns, an evaluation shard that never
+arrives) is named before its peers' collectives fail with no word of which rank they waited for.
+There every rank is paused, so the rank named is the one that has entered the fewest host-side
+collectives (`entering_collective`, counted by `Processes` and `sharding.assemble`): its peers
+are waiting for it in the next one.
 
 Which rank to name: every rank publishes a heartbeat file (``run_dir/ranks/heartbeat-RRRRR.json``:
 its last step, whether it has entered the next one, when it last moved) from the watchdog thread,
@@ -56,17 +62,26 @@ def on_hang(handler: Callable[[dict], None]) -> None:
 
 
 @contextlib.contextmanager
-def paused():
-    """Legitimately long work (checkpoint, grid, evaluation): not a stall, whatever it takes."""
+def paused(deadline: bool = True):
+    """Legitimately long work (checkpoint, grid, evaluation): not a stall for the hang timeout,
+    but bounded by ``distributed.paused_timeout_minutes`` (``deadline=False``: a wait a test asked
+    for, timed by nothing)."""
     dog = _active
     if dog is None:
         yield
         return
-    dog._pause(+1)
+    dog._pause(+1, deadline)
     try:
         yield
     finally:
-        dog._pause(-1)
+        dog._pause(-1, deadline)
+
+
+def entering_collective() -> None:
+    """A host-side collective starts on this rank (`Processes`' collectives, `sharding.assemble`)."""
+    dog = _active
+    if dog is not None:
+        dog.collectives += 1
 
 
 def entered_step() -> None:
@@ -85,12 +100,18 @@ def disarm() -> None:
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, rank: int, world_size: int, host: str | None = None):
+    def __init__(self, timeout_s: float, rank: int, world_size: int, host: str | None = None,
+                 paused_timeout_s: float = 0.0):
         self.timeout_s = timeout_s
+        self.paused_timeout_s = paused_timeout_s
+        self.collectives = 0  # host-side collectives entered (`entering_collective`)
+        self.untimed = 0  # pauses without a deadline (a test's hold)
+        self.paused_since: float | None = None  # monotonic start of the outermost timed pause
         self.rank = rank
         self.world_size = world_size
         self.host = host or socket.gethostname()
-        self.poll_s = min(max(timeout_s / 20, 0.1), 10.0)
+        shortest = min(t for t in (timeout_s, paused_timeout_s, float("inf")) if t)
+        self.poll_s = min(max(shortest / 20, 0.1), 10.0)
         self.progress = None
         self.run_dir: Path | None = None
         self.launch = ""
@@ -110,7 +131,7 @@ class Watchdog:
     def watch(self, progress, run_dir, processes) -> None:
         """Start watching ``progress.step`` (collective: every rank calls it at the same point)."""
         global _active
-        if not self.timeout_s:
+        if not self.timeout_s and not self.paused_timeout_s:
             return
         self.progress, self.run_dir = progress, Path(run_dir)
         self.first_step = self.step = progress.step
@@ -147,9 +168,15 @@ class Watchdog:
         """Whether the loop has entered the step after the one this thread last saw end."""
         return self.entered == self.step
 
-    def _pause(self, delta: int) -> None:
+    def _pause(self, delta: int, deadline: bool = True) -> None:
         with self._lock:
             self.pauses += delta
+            if not deadline:
+                self.untimed += delta
+            if self.pauses == 0:
+                self.paused_since = None
+            elif delta > 0 and self.paused_since is None:
+                self.paused_since = time.monotonic()
             self._moved()
 
     # -- the thread -----------------------------------------------------------------------------
@@ -162,17 +189,23 @@ class Watchdog:
                 self._moved()
                 self.armed = not self.disarmed and step > self.first_step
             self._publish()
-            idle = time.monotonic() - self.last_change
-            if self.armed and self.pauses == 0 and idle > self.timeout_s:
+            now = time.monotonic()
+            idle = now - self.last_change
+            if self.timeout_s and self.armed and self.pauses == 0 and idle > self.timeout_s:
                 self._report(idle)
+            since = self.paused_since
+            if (self.paused_timeout_s and not self.disarmed and self.untimed == 0 and since is not None
+                    and now - since > self.paused_timeout_s):
+                self._report(now - since, paused=True)
 
     def _heartbeat(self) -> dict:
         return {"launch": self.launch, "rank": self.rank, "host": self.host, "step": self.step,
-                "in_step": self.in_step, "paused": self.pauses > 0, "since": self.last_change_wall}
+                "in_step": self.in_step, "paused": self.pauses > 0, "since": self.last_change_wall,
+                "collectives": self.collectives}
 
     def _publish(self) -> None:
         beat = self._heartbeat()
-        key = (beat["step"], beat["in_step"], beat["paused"], beat["since"])
+        key = (beat["step"], beat["in_step"], beat["paused"], beat["since"], beat["collectives"])
         if key == self._published:
             return
         try:
@@ -181,14 +214,23 @@ class Watchdog:
         except OSError as exc:  # a full or vanished disk must not kill training from here
             log.warning("hang watchdog: heartbeat not written (%s)", exc)
 
-    def _report(self, idle: float) -> None:
-        culprit = self.culprit()
-        stalled = idle if culprit["rank"] == self.rank else max(time.time() - culprit["since"], idle)
-        line = (f"rank {culprit['rank']} on host {culprit['host']} made no progress for {stalled:.0f}s "
-                f"after step {culprit['step']} (distributed.hang_timeout_minutes="
-                f"{self.timeout_s / 60:g}); the job is stopped, relaunch to resume from the last checkpoint")
+    def _report(self, idle: float, paused: bool = False) -> None:
+        if paused:
+            culprit = self.culprit_in_paused_work()
+            line = (f"rank {culprit['rank']} on host {culprit['host']} did not finish the untimed work after step "
+                    f"{culprit['step']} (a checkpoint, a sample grid or an evaluation) in {idle:.0f}s: its peers "
+                    f"wait for it in a collective (distributed.paused_timeout_minutes="
+                    f"{self.paused_timeout_s / 60:g}); the job is stopped, relaunch to resume from the last "
+                    f"checkpoint")
+            stalled = idle
+        else:
+            culprit = self.culprit()
+            stalled = idle if culprit["rank"] == self.rank else max(time.time() - culprit["since"], idle)
+            line = (f"rank {culprit['rank']} on host {culprit['host']} made no progress for {stalled:.0f}s "
+                    f"after step {culprit['step']} (distributed.hang_timeout_minutes="
+                    f"{self.timeout_s / 60:g}); the job is stopped, relaunch to resume from the last checkpoint")
         report = {"line": line, "reported_by": self.rank, **{k: culprit[k] for k in ("rank", "host", "step")},
-                  "seconds": round(stalled, 1)}
+                  "seconds": round(stalled, 1), "in_paused_work": paused}
         path = self.run_dir / "ranks" / REPORT_FILE
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -204,8 +246,8 @@ class Watchdog:
                 print(f"hang handler failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         os._exit(EXIT_HUNG)
 
-    def culprit(self) -> dict:
-        """The heartbeat of the rank furthest behind (this rank's own when it is alone)."""
+    def _beats(self) -> list[dict]:
+        """This rank's heartbeat and every other rank's of this launch."""
         beats = [self._heartbeat()]
         for rank in range(self.world_size):
             if rank == self.rank:
@@ -214,6 +256,17 @@ class Watchdog:
                 beat = json.loads((self.run_dir / "ranks" / f"heartbeat-{rank:05d}.json").read_text())
             except (OSError, ValueError):
                 continue
-            if beat.get("launch") == self.launch and not beat.get("paused"):
+            if beat.get("launch") == self.launch:
                 beats.append(beat)
+        return beats
+
+    def culprit(self) -> dict:
+        """The heartbeat of the rank furthest behind (this rank's own when it is alone)."""
+        beats = [beat for beat in self._beats() if beat is not None and (beat["rank"] == self.rank
+                                                                         or not beat.get("paused"))]
         return min(beats, key=lambda b: (b["step"], b["in_step"], b["since"], b["rank"]))
+
+    def culprit_in_paused_work(self) -> dict:
+        """Inside untimed work every rank is paused: the one furthest behind has finished the
+        fewest steps, then entered the fewest collectives (its peers wait in the next one)."""
+        return min(self._beats(), key=lambda b: (b["step"], b.get("collectives", 0), b["rank"]))

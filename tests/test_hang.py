@@ -5,7 +5,8 @@ of an earlier launch and paused ranks left out), and when it fires: a stalled st
 timeout does, paused work and a disarmed watchdog do not (``_report`` replaced, so the test
 process is not ended). Jobs (slow): two processes, rank 1 stalling before step 3 with the fault
 seam, end within the short timeout with exit status 76 and the line naming rank 1, its host and
-step 2; a hold inside the sample grid, far longer than the timeout, is not taken for a hang; on
+step 2; so does a rank stuck inside a checkpoint write past ``distributed.paused_timeout_minutes``;
+a hold inside the sample grid, far longer than the timeout, is not taken for a hang; on
 the test Slurm cluster a hung job is requeued (and, past ``slurm.max_requeues``, fails).
 """
 
@@ -114,6 +115,37 @@ def test_a_stalled_loop_is_reported_and_paused_work_is_not(tmp_path, monkeypatch
         dog.stop()
 
 
+def test_inside_paused_work_the_rank_that_has_entered_fewest_collectives_is_named(tmp_path):
+    # Rank 2 is still writing its checkpoint files; ranks 0 and 1 wait in the gather after them.
+    for rank, collectives in ((1, 8), (2, 7)):
+        _beat(tmp_path, rank, 4, False, 990.0, paused=True)
+        beat = json.loads((tmp_path / "ranks" / f"heartbeat-{rank:05d}.json").read_text())
+        (tmp_path / "ranks" / f"heartbeat-{rank:05d}.json").write_text(json.dumps({**beat, "collectives": collectives}))
+    dog = _dog(tmp_path, 0, 3, 4, False)
+    dog.collectives, dog.pauses = 8, 1
+    assert dog.culprit_in_paused_work()["rank"] == 2
+    dog.collectives = 6  # rank 0 itself has not reached the gather
+    assert dog.culprit_in_paused_work()["rank"] == 0
+
+
+def test_paused_work_has_a_deadline_of_its_own_and_a_tests_hold_has_none(tmp_path, monkeypatch):
+    reports = []
+    monkeypatch.setattr(Watchdog, "_report",
+                        lambda self, idle, paused=False: (reports.append((idle, paused)), self._stop.set()))
+    progress = SimpleNamespace(step=0)
+    dog = Watchdog(60, 0, 1, paused_timeout_s=0.5)
+    dog.watch(progress, tmp_path, SimpleNamespace(is_main=True, broadcast_object=lambda value: value))
+    try:
+        with watchdog.paused(deadline=False):  # a hold a test asked for: timed by nothing
+            time.sleep(1.2)
+        assert not reports
+        with watchdog.paused():  # a checkpoint write that never returns
+            assert _wait_for(lambda: reports)
+        assert reports[0][1] is True and reports[0][0] > 0.5
+    finally:
+        dog.stop()
+
+
 def test_a_disarmed_watchdog_stays_quiet(tmp_path, monkeypatch):
     dog, progress, reports = _watch(tmp_path, monkeypatch, timeout_s=0.3)
     try:
@@ -133,6 +165,9 @@ def test_a_hang_timeout_at_or_above_the_collective_timeout_is_refused():
         DistributedConfig(hang_timeout_minutes=30)
     assert DistributedConfig().resolved_hang_timeout_minutes() == 10
     assert DistributedConfig(timeout_minutes=6).resolved_hang_timeout_minutes() == 2
+    with pytest.raises(ValueError, match=r"paused_timeout_minutes \(40\) must be below timeout_minutes \(30\)"):
+        DistributedConfig(paused_timeout_minutes=40)
+    assert DistributedConfig().resolved_paused_timeout_minutes() == 27
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +192,26 @@ def test_a_stalled_rank_ends_the_job_with_its_name(digits_dir, tmp_path):
     report = json.loads((run_dir / "ranks" / "hang.json").read_text())
     assert (report["rank"], report["step"], report["host"]) == (1, 2, HOST)
     assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_a_rank_stuck_inside_a_checkpoint_write_is_named_before_the_collective_timeout(digits_dir, tmp_path):
+    # The last rank stops after writing its files of checkpoint 2 (fault seam), inside the save
+    # the hang timeout does not time; rank 0 waits for it in the gather of the file records.
+    run_dir = tmp_path / "run"
+    job = Job(digits_dir, run_dir, env=faults.env(pause_in_save=2),
+              **{**HANG, "distributed.paused_timeout_minutes": 0.1})
+    code = job.wait(timeout=300)
+    output = job.output()
+    if code != EXIT_HUNG:
+        job.fail(f"expected exit status {EXIT_HUNG}, got {code}")
+    lines = [line for line in output.splitlines() if "did not finish the untimed work" in line]
+    assert len(lines) == 1, output[-3000:]
+    assert lines[0].startswith(f"error: rank 1 on host {HOST} did not finish the untimed work after step 2 ")
+    assert "(distributed.paused_timeout_minutes=0.1)" in lines[0]
+    report = json.loads((run_dir / "ranks" / "hang.json").read_text())
+    assert (report["rank"], report["step"], report["in_paused_work"]) == (1, 2, True)
+    assert not (run_dir / "checkpoints" / "step-000000002").exists()  # never committed
 
 
 @pytest.mark.slow

@@ -132,7 +132,7 @@ class SampleGrid:
         """Rank 0 samples, the others wait. False when a stop signal abandoned the grid."""
         sample = self.sample
         written = True
-        with self.strategy.whole_model(self.ema, sample.use_ema) as model:
+        with self.strategy.whole_model(self.ema, sample.use_ema, main_only=True) as model:
             if self.processes.is_main:
                 was_training = model.training
                 model.eval()

@@ -134,11 +134,16 @@ class Strategy(abc.ABC):
         ema.update(self.model, batch_images, images_seen)
 
     @contextlib.contextmanager
-    def whole_model(self, ema: EMA | None, use_ema: bool) -> Iterator[nn.Module]:
+    def whole_model(self, ema: EMA | None, use_ema: bool, main_only: bool = False) -> Iterator[nn.Module | None]:
         """A plain module with whole weights on every rank, safe to run on one rank alone
-        (sampling) or on each rank independently (evaluation). Collective: every rank enters.
-        What runs inside is legitimately long (pipeline/watchdog.py does not time it)."""
+        (sampling) or on each rank independently (evaluation); with ``main_only``, on rank 0
+        alone (the others get None: a sharded strategy then gathers onto rank 0 only).
+        Collective: every rank enters. What runs inside is legitimately long
+        (pipeline/watchdog.py does not time it)."""
         with watchdog.paused():
+            if main_only and not self.processes.is_main:
+                yield None
+                return
             yield ema.model if (use_ema and ema is not None) else self.model
 
     # -- checkpoints ----------------------------------------------------------------------------

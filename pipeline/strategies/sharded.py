@@ -6,7 +6,9 @@ subclass (`master_pieces`, `moment_pieces` and their setters), this class provid
 
 - the EMA: a `ShardedEMA` of the rank's master pieces, a local lerp with no communication;
 - whole weights (`whole_model`): the pieces of the masters or of the EMA assembled into a fresh
-  plain module on every rank, only to sample, evaluate or export;
+  plain module, only to sample, evaluate or export: on every rank (evaluations share their work
+  among the ranks), or on rank 0 alone (``main_only``: the sample grid), where the other ranks
+  only send their pieces and build nothing;
 - the checkpoint: every rank writes its own pieces of the weights, the EMA and the moments
   (``model|ema|optimizer.rank-RRRRR.safetensors``), rank 0 the buffers (``model.safetensors``,
   ``ema.safetensors``) and the layout (``shards.json``); nothing is gathered onto one rank.
@@ -130,25 +132,30 @@ class ShardedStrategy(Strategy):
         ema.update(self.master_pieces(), batch_images, images_seen)
 
     @contextlib.contextmanager
-    def whole_model(self, ema, use_ema: bool):
+    def whole_model(self, ema, use_ema: bool, main_only: bool = False):
         # Sampling and evaluation are legitimately long: not a stall (pipeline/watchdog.py), on
         # the live module too.
         with watchdog.paused():
+            here = self.processes.is_main or not main_only
             live = self.whole_module()
             if live is not None and not (use_ema and ema is not None) and all(
                     parameter.dtype == torch.float32 for parameter in live.parameters()):
                 # ZeRO-1/2 in fp32: the live module holds the masters themselves. Under bf16 its
                 # weights are rounded copies: the masters are assembled instead, as for ZeRO-3.
-                yield live
+                yield live if here else None
                 return
-            # Building initialises weights from the global RNG: keep training's streams untouched.
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                whole = self._build_model().to(self.device)
-            whole.load_state_dict(persistent_buffers(self.model), strict=False)
             pieces = ema.pieces if (use_ema and ema is not None) else self.master_pieces()
+            whole, into = None, None
+            if here:
+                # Building initialises weights from the global RNG: keep training's streams untouched.
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    whole = self._build_model().to(self.device)
+                whole.load_state_dict(persistent_buffers(self.model), strict=False)
+                into = dict(whole.named_parameters())
             with torch.no_grad():  # each parameter gathered straight into the plain module's
-                sharding.assemble(self.layout, pieces, self.processes, into=dict(whole.named_parameters()))
-            whole.eval()
+                sharding.assemble(self.layout, pieces, self.processes, into=into, dst=0 if main_only else None)
+            if whole is not None:
+                whole.eval()
             yield whole
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -17,20 +17,17 @@ ZeRO-3 and FSDP2 no rank writes another's pieces: each rank's files hold exactly
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline import checkpoint, sharding
 from pipeline.errors import UserError
 from pipeline.sharding import Layout, PartReader, Piece, TensorLayout
 from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.sharded_probe import assert_holds, expected_state, run_probe
 
 # ---------------------------------------------------------------------------------------------
 # The format, without processes
@@ -172,41 +169,15 @@ def _train(digits_dir: Path, run_dir: Path, strategy: str, steps: int, nproc: in
 
 def _probe(digits_dir: Path, run_dir: Path, strategy: str, steps: int, nproc: int, out: Path) -> None:
     """tests/sharded_probe.py as the nproc processes of a job resuming run_dir."""
-    from launch.local import free_port
-
-    processes, port = [], free_port()
-    for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        if nproc == 1:
-            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-                env.pop(key)
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.sharded_probe", str(run_dir / "config.yaml"), str(out),
-             *_overrides(digits_dir, run_dir, strategy, steps, nproc)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    outputs = [process.communicate(timeout=600)[0] for process in processes]
-    assert all(process.returncode == 0 for process in processes), "\n".join(o[-3000:] for o in outputs)
+    run_probe(run_dir, _overrides(digits_dir, run_dir, strategy, steps, nproc), nproc, out)
 
 
 def _expected(step_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
-    loaded = checkpoint.open_checkpoint(step_dir)
-    expected = {f"{part}/{k}": v for part in ("model", "ema") for k, v in PartReader(loaded, part).state_dict().items()}
-    optimizer = PartReader(loaded, "optimizer")
-    expected.update(optimizer.state_dict())
-    return expected, int(loaded.json("trainer.json")["optimizer_step"])
+    return expected_state(step_dir)
 
 
 def _assert_holds(probe: Path, step_dir: Path) -> None:
-    expected, step = _expected(step_dir)
-    got = load_file(probe)
-    assert got.keys() == expected.keys()
-    different = [name for name in expected if not torch.equal(got[name], expected[name])]
-    assert not different, f"resumed state differs from {step_dir.name}: {different[:5]}"
-    with safe_open(str(probe), "pt") as handle:
-        assert int(handle.metadata()["optimizer_step"]) == step
+    assert_holds(probe, step_dir)
 
 
 def _own_pieces_only(step_dir: Path, world_size: int) -> None:

@@ -19,9 +19,10 @@ figures relative to the same strategy's 1-process run. A DDP run whose estimated
 × the 1-process peak, 10% margin) exceeds the memory available now less 2 GiB is not started:
 it is reported as ``skipped`` with the estimate. Any job is stopped when the machine's available
 memory falls below ``GUARD_MB`` (reported as an error row): never left to the out-of-memory
-killer on a shared machine. ZeRO-3 runs with benchmarks/configs/zero3_lean.json, which bounds
-the parameters DeepSpeed keeps gathered between uses (its defaults keep up to 1e9: this whole
-model, on every rank).
+killer on a shared machine. ``zero3`` runs with benchmarks/configs/zero3_lean.json, which bounds
+the parameters DeepSpeed keeps gathered between uses (its own defaults keep up to 1e9: this whole
+model, on every rank); ``zero3-default`` (``deepspeed.zero_stage=3`` alone) and ``zero3-shipped``
+(configs/deepspeed/zero3.json) run with the bounds the trainer sizes from the model.
 Devices are chosen by availability, as ``launch local`` does (GPUs when there are, one process
 each; the same command runs unchanged there).
 
@@ -50,9 +51,13 @@ CONFIG = "benchmarks/configs/ddpm_337m.yaml"
 TINY = "configs/tiny/ddpm.yaml"
 STRATEGIES = {
     "ddp": ["distributed.strategy=ddp"],
-    # DeepSpeed's defaults (and configs/deepspeed/zero3.json) keep up to 1e9 gathered parameters
-    # alive between uses: the whole of this model, on every rank. A sharding benchmark bounds them.
+    # DeepSpeed's own defaults keep up to 1e9 gathered parameters alive between uses: the whole of
+    # this model, on every rank. The lean file bounds them by hand (the figures of docs/benchmarks.md).
     "zero3": ["distributed.strategy=deepspeed", "deepspeed.config_file=benchmarks/configs/zero3_lean.json"],
+    # What `deepspeed.zero_stage=3` alone gives (pipeline/deepspeed_engine.py sizes what a rank
+    # keeps gathered from the model), and the shipped configs/deepspeed/zero3.json.
+    "zero3-default": ["distributed.strategy=deepspeed", "deepspeed.zero_stage=3"],
+    "zero3-shipped": ["distributed.strategy=deepspeed", "deepspeed.config_file=configs/deepspeed/zero3.json"],
     "fsdp": ["distributed.strategy=fsdp"],
 }
 MB = 2**20

@@ -71,6 +71,9 @@ def init_distributed(backend: str) -> None:
 BUCKETS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7}
 """DeepSpeed's bucket sizes (elements) and their defaults where a config leaves them out."""
 
+LIVE_PARAMETERS = ("stage3_max_live_parameters", "stage3_max_reuse_distance")
+"""ZeRO-3's bounds (elements) on the parameters a rank keeps gathered; sized from the model."""
+
 
 def engine_config(config: RunConfig, world_size: int, device_type: str, parameters: int | None = None) -> dict:
     """The DeepSpeed config dict: the file's tuning, the YAML's ZeRO keys, the run's numbers.
@@ -78,7 +81,8 @@ def engine_config(config: RunConfig, world_size: int, device_type: str, paramete
     With the model's ``parameters`` count, no bucket is larger than the model (rounded up to whole
     MiB of elements): a larger one never fills, yet it is allocated at every micro-step (and filled with NaN there when
     ``train.deterministic`` asks PyTorch to fill fresh memory: 2 GB at DeepSpeed's default 5e8,
-    a second of a CPU step)."""
+    a second of a CPU step). Under ZeRO-3, `LIVE_PARAMETERS` the file leaves out are one rank's
+    share of the model (``parameters / world_size``), so that the parameters are sharded."""
     section = config.deepspeed
     train = config.train
     raw = section.file_dict()
@@ -88,6 +92,14 @@ def engine_config(config: RunConfig, world_size: int, device_type: str, paramete
         model_size = -(-parameters // 2**20) * 2**20  # whole MiB of elements: DeepSpeed wants aligned buckets
         for key, default in BUCKETS.items():
             zero[key] = int(min(float(zero.get(key, default)), model_size))
+        if zero["stage"] == 3:
+            # DeepSpeed keeps up to 1e9 gathered parameters alive between uses by default: the whole
+            # of any smaller model on every rank, which is then not sharded at all. Unless the file
+            # says otherwise, a rank keeps at most its own share gathered (as FSDP2 reshards after
+            # forward): parameters are gathered again for the backward.
+            share = -(-parameters // world_size)
+            for key in LIVE_PARAMETERS:
+                zero.setdefault(key, share)
     for which in ("optimizer", "param"):
         device = section.resolved_offload(which)
         options = dict(zero.get(f"offload_{which}") or {})

@@ -53,6 +53,21 @@ def test_no_bucket_is_larger_than_the_model():
     assert "allgather_bucket_size" not in unknown and unknown["reduce_bucket_size"] == 50_000_000
 
 
+def test_zero3_keeps_at_most_a_ranks_share_gathered_unless_the_file_says():
+    # DeepSpeed's default 1e9 kept every parameter of a smaller model gathered on every rank:
+    # ZeRO-3 held more than DDP (configs/ddpm_cifar32.yaml, 2 processes: 1,642 MB against 1,455).
+    shipped = f"deepspeed.config_file={REPO / 'configs' / 'deepspeed' / 'zero3.json'}"
+    for overrides in ([shipped], ["deepspeed.zero_stage=3"]):
+        zero = engine_config(_load(*overrides), world_size=4, device_type="cpu", parameters=35_746_307)[
+            "zero_optimization"]
+        assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 8_936_577
+    lean = f"deepspeed.config_file={REPO / 'benchmarks' / 'configs' / 'zero3_lean.json'}"
+    zero = engine_config(_load(lean), world_size=4, device_type="cpu", parameters=35_746_307)["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 30_000_000  # the file's
+    zero2 = engine_config(_load("deepspeed.zero_stage=2"), world_size=4, device_type="cpu", parameters=35_746_307)
+    assert "stage3_max_live_parameters" not in zero2["zero_optimization"]
+
+
 def test_fp16_under_deepspeed_on_cpu_is_refused():
     with pytest.raises(UserError, match="needs a GPU"):
         engine_config(_load("train.mixed_precision=fp16"), world_size=1, device_type="cpu")

@@ -77,6 +77,8 @@ SPECS: dict[str, Spec] = {
     # README.md
     "scripts/quickstart.sh": Spec(append=TRAIN, expect=r"quickstart: samples in runs/tiny_ddpm/grid.png"),
     "scripts/test.sh": Spec(skip="the test suite itself (CI runs it: .ci/run)"),
+    "time scripts/test.sh": Spec(skip="the test suite itself, timed (docs/benchmarks.md)"),
+    "time scripts/test.sh --full": Spec(skip="the test suite itself, timed (docs/benchmarks.md)"),
     "data-prep digits data/digits": Spec(),
     # Shards of 8 photographs, so that docs/deepspeed.md's 8 processes each read their own.
     "data-prep images ~/photos data/photos --size 256 --holdout 0.01": Spec(append="--samples-per-shard 8"),
@@ -234,8 +236,9 @@ def test_every_documented_command_has_a_spec():
 
 
 def test_skips_are_only_for_the_suite_itself():
-    assert {text for text, spec in SPECS.items() if spec.skip} == {"scripts/test.sh",
-                                                                     "python -m pytest tests/test_slurm.py -m slurm -s"}
+    assert {text for text, spec in SPECS.items() if spec.skip} == {
+        "scripts/test.sh", "time scripts/test.sh", "time scripts/test.sh --full",
+        "python -m pytest tests/test_slurm.py -m slurm -s"}
 
 
 def test_no_spec_is_left_over():

@@ -1,7 +1,8 @@
 """Every strategy in every combination a GPU run uses, on two processes.
 
-DDP, DeepSpeed ZeRO-1, ZeRO-2, ZeRO-3 and FSDP2, each with EMA off, EMA on and sampled, and EMA on
-with grids of the live weights (``sample.use_ema=false``); every cell in bf16, with what a GPU run
+DDP, DeepSpeed ZeRO-1, ZeRO-2, ZeRO-3 and FSDP2, each with EMA off, EMA on and sampled (with
+checkpoints written in the background, ``checkpoint.async_save``), and EMA on with grids of the
+live weights (``sample.use_ema=false``); every cell in bf16, with what a GPU run
 turns on: MFU (a stated peak), sample grids, held-out bits/dim, FID (stand-in features) and a
 checkpoint every two steps, and the hang watchdog armed with a short timeout. Each cell must end
 with exit status 0, log all of it, and leave a checkpoint that a 1-process job resumes exactly:
@@ -31,7 +32,7 @@ STRATEGIES = {
 }
 EMA = {
     "ema-off": {"train.ema_halflife_images": "null", "train.ema_rampup_ratio": "null"},
-    "ema": {"sample.use_ema": "true"},
+    "ema": {"sample.use_ema": "true", "checkpoint.async_save": "true"},  # checkpoints written in the background
     "live-grid": {"sample.use_ema": "false"},
 }
 QUICK = "live-grid"

@@ -11,6 +11,8 @@ checkpoint, trains one more step and checkpoints again. Every rank's own records
   masters), gradients, optimizer state and EMA the rank holds (``params/grads/optimizer/ema_mb``);
 - ``save_s`` (the checkpoint, from the state's encoding to every rank past the commit),
   ``write_s`` (this rank's encode + write + fsync + hash) and ``written_mb`` (this rank's files);
+  ``stall_s``, what training waited for: the whole save, or with ``checkpoint.async_save=true``
+  (an override) the copy to host memory and any write still in flight;
 - ``load_s`` and ``read_mb`` of the resumed job (this rank's reading, verifying, decoding and
   placing of the checkpoint).
 
@@ -109,15 +111,19 @@ def _records(run_dir: Path, nproc: int) -> list[list[dict]]:
 def _per_rank(records: list[list[dict]], first_step: int) -> dict[str, list]:
     out: dict[str, list] = {key: [] for key in (
         "peak_rss_mb", "peak_cuda_allocated_mb", "state_mb", "params_mb", "grads_mb", "optimizer_mb", "ema_mb",
-        "save_s", "write_s", "written_mb", "load_s", "read_mb")}
+        "save_s", "stall_s", "write_s", "written_mb", "load_s", "read_mb")}
     for rank_records in records:
         saved = next(r for r in rank_records if r["event"] == "checkpoint" and r["step"] == first_step)
+        # With checkpoint.async_save the write's own costs come in a later record.
+        written = next((r for r in rank_records if r["event"] == "checkpoint_written" and r["step"] == first_step),
+                       saved)
         resumed = next(r for r in rank_records if r["event"] == "resumed")
         parts = {key: saved.get(f"{key}_bytes", 0) / MB for key in ("params", "grads", "optimizer", "ema")}
         values = {
             "peak_rss_mb": saved["peak_rss_mb"], "peak_cuda_allocated_mb": saved.get("peak_cuda_allocated_mb"),
             "state_mb": sum(parts.values()), **{f"{k}_mb": v for k, v in parts.items()},
-            "save_s": saved["save_s"], "write_s": saved["write_s"], "written_mb": saved["written_bytes"] / MB,
+            "save_s": written["save_s"], "stall_s": saved["stall_s"], "write_s": written["write_s"],
+            "written_mb": written["written_bytes"] / MB,
             "load_s": resumed["load_s"], "read_mb": resumed["read_bytes"] / MB,
         }
         for key, value in values.items():

@@ -430,8 +430,10 @@ class BackgroundWriter:
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int,
                  pause: Callable[[int, int, int], None] | None = None,
-                 lost: Callable[[], str | None] | None = None):
+                 lost: Callable[[], str | None] | None = None,
+                 written: Callable[..., None] | None = None):
         self.run_dir = Path(run_dir)
+        self.written = written  # called on this rank's thread once a write is done (its costs)
         self.lost = lost  # rank 0: whether another job has taken the run directory (`commit`)
         self.pause = pause  # fault injection (pipeline/faults.py): called between write and commit
         self.rank = rank
@@ -480,8 +482,10 @@ class BackgroundWriter:
 
     def _write(self, step: int, images_seen: int, parts: dict, extra: dict) -> None:
         started = time.perf_counter()
+        write_s = None
         try:
             records: dict = write_parts(staging_path(self.run_dir, step), parts)
+            write_s = time.perf_counter() - started
             if self.pause is not None:
                 self.pause(step, self.rank, self.world_size)
         except BaseException as exc:  # still take part in the exchange, or the others would hang
@@ -503,3 +507,9 @@ class BackgroundWriter:
                 self._error = RuntimeError("; ".join(errors) + " (nothing was committed)")
         except BaseException as exc:
             self._error = self._error or exc
+        if self.written is not None and write_s is not None and self._error is None:
+            try:
+                self.written(step=step, write_s=round(write_s, 3), save_s=round(time.perf_counter() - started, 3),
+                             written_bytes=sum(record["bytes"] for record in records.values()))
+            except Exception as exc:  # a record is not worth a failed checkpoint
+                log.warning("checkpoint of step %d: its cost was not recorded (%s)", step, exc)

@@ -214,6 +214,7 @@ class Checkpointer:
             self.writer = checkpoint.BackgroundWriter(
                 self.run_dir.path, self.processes.rank, self.processes.world_size,
                 self.config.checkpoint.keep_last, pause=self.faults.pause_in_checkpoint, lost=self.lost,
+                written=lambda **costs: self.run_dir.rank_record(self.processes.rank, "checkpoint_written", **costs),
             )
 
     def lost(self) -> str | None:
@@ -239,8 +240,7 @@ class Checkpointer:
     def _save(self, final: bool) -> None:
         progress, strategy, ema, window, batches = self.state
         processes, run_dir = self.processes, self.run_dir.path
-        if self.writer is not None:
-            self.writer.wait()
+        waited = self.writer.wait() if self.writer is not None else 0.0
         if progress.step == self.last_saved_step:
             return
         window.check_health(self.config.train.max_bad_steps, progress.step, self.run_dir.newest_checkpoint_name())
@@ -268,9 +268,15 @@ class Checkpointer:
         self.last_saved_step = progress.step
         if self.writer is not None:
             self.writer.start(progress.step, progress.images_seen, parts, extra)
+            stall = time.perf_counter() - started
             if processes.is_main:
                 log.info("checkpoint of step %d: state copied in %.2fs, writing in the background",
-                         progress.step, time.perf_counter() - started)
+                         progress.step, stall)
+            # What training waited for: the previous write (if still running) and the copy.
+            self.run_dir.rank_record(
+                processes.rank, "checkpoint", step=progress.step, async_save=True,
+                stall_s=round(waited + stall, 3), waited_s=round(waited, 3), **strategy.held_bytes(ema),
+                **peak_memory_so_far(processes.device))
             if final:
                 self.writer.wait()
             return
@@ -290,9 +296,10 @@ class Checkpointer:
         lost = processes.broadcast_object(lost)  # also the barrier: committed before anyone goes on
         if lost:
             raise UserError(lost)
+        saved = time.perf_counter() - started
         self.run_dir.rank_record(
             processes.rank, "checkpoint", step=progress.step, write_s=round(written, 3),
-            save_s=round(time.perf_counter() - started, 3),
+            save_s=round(saved, 3), stall_s=round(saved, 3),
             written_bytes=sum(record["bytes"] for record in records.values()), **strategy.held_bytes(ema),
             **peak_memory_so_far(processes.device),
         )

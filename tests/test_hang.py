@@ -181,17 +181,22 @@ HANG = {"distributed.hang_timeout_minutes": 0.1, "train.max_steps": 8, "checkpoi
 def test_a_stalled_rank_ends_the_job_with_its_name(digits_dir, tmp_path):
     run_dir = tmp_path / "run"
     job = Job(digits_dir, run_dir, env=faults.env(stall_rank=1, stall_at_step=3), **HANG)
+    line, report, output = _ended_as_hung(job, "made no progress")
+    assert line.startswith(f"error: rank 1 on host {HOST} made no progress for ")
+    assert "s after step 2 (distributed.hang_timeout_minutes=0.1)" in line
+    assert (report["rank"], report["step"], report["host"]) == (1, 2, HOST)
+    assert "Traceback" not in output
+
+
+def _ended_as_hung(job: Job, words: str) -> tuple[str, dict, str]:
+    """(the one line with ``words``, hang.json, the output) of a job that must end with EXIT_HUNG."""
     code = job.wait(timeout=300)  # the assertion is that it ends, and how; never on speed
     output = job.output()
     if code != EXIT_HUNG:
         job.fail(f"expected exit status {EXIT_HUNG}, got {code}")
-    lines = [line for line in output.splitlines() if "made no progress" in line]
+    lines = [line for line in output.splitlines() if words in line]
     assert len(lines) == 1, output[-3000:]
-    assert lines[0].startswith(f"error: rank 1 on host {HOST} made no progress for ")
-    assert "s after step 2 (distributed.hang_timeout_minutes=0.1)" in lines[0]
-    report = json.loads((run_dir / "ranks" / "hang.json").read_text())
-    assert (report["rank"], report["step"], report["host"]) == (1, 2, HOST)
-    assert "Traceback" not in output
+    return lines[0], json.loads((job.run_dir / "ranks" / "hang.json").read_text()), output
 
 
 @pytest.mark.slow
@@ -201,15 +206,9 @@ def test_a_rank_stuck_inside_a_checkpoint_write_is_named_before_the_collective_t
     run_dir = tmp_path / "run"
     job = Job(digits_dir, run_dir, env=faults.env(pause_in_save=2),
               **{**HANG, "distributed.paused_timeout_minutes": 0.1})
-    code = job.wait(timeout=300)
-    output = job.output()
-    if code != EXIT_HUNG:
-        job.fail(f"expected exit status {EXIT_HUNG}, got {code}")
-    lines = [line for line in output.splitlines() if "did not finish the untimed work" in line]
-    assert len(lines) == 1, output[-3000:]
-    assert lines[0].startswith(f"error: rank 1 on host {HOST} did not finish the untimed work after step 2 ")
-    assert "(distributed.paused_timeout_minutes=0.1)" in lines[0]
-    report = json.loads((run_dir / "ranks" / "hang.json").read_text())
+    line, report, _ = _ended_as_hung(job, "did not finish the untimed work")
+    assert line.startswith(f"error: rank 1 on host {HOST} did not finish the untimed work after step 2 ")
+    assert "(distributed.paused_timeout_minutes=0.1)" in line
     assert (report["rank"], report["step"], report["in_paused_work"]) == (1, 2, True)
     assert not (run_dir / "checkpoints" / "step-000000002").exists()  # never committed
 

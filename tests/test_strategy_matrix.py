@@ -77,10 +77,16 @@ def test_every_strategy_runs_everything_a_gpu_run_logs_and_resumes_exactly(strat
     assert any("eval/bits_per_dim" in r for r in records) and any("eval/fid" in r for r in records)
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step-000000002.png",
                                                                            "step-000000004.png"]
-    ends = [json.loads(line) for rank in (0, 1)
+    events = [json.loads(line) for rank in (0, 1)
             for line in (run_dir / "ranks" / f"rank-{rank:05d}.jsonl").read_text().splitlines()]
-    digests = {r["weights_sha256"] for r in ends if r["event"] == "end"}
+    digests = {r["weights_sha256"] for r in events if r["event"] == "end"}
     assert len(digests) == 1, "the ranks ended with different weights"
+    saves = [r for r in events if r["event"] == "checkpoint"]
+    assert sorted(r["step"] for r in saves) == [2, 2, 4, 4] and all(r["stall_s"] >= 0 for r in saves)
+    if values.get("checkpoint.async_save") == "true":  # training waited for the copy only; the write says its cost
+        assert all(r.get("async_save") for r in saves)
+        written = [r for r in events if r["event"] == "checkpoint_written"]
+        assert sorted(r["step"] for r in written) == [2, 2, 4, 4] and all(r["written_bytes"] > 0 for r in written)
 
     # 2 -> 1: the checkpoint of step 4, resumed by one process, is what that process holds.
     four = checkpoint.checkpoints_dir(run_dir) / "step-000000004"

@@ -110,6 +110,10 @@ SPECS: dict[str, Spec] = {
     # the 337M-parameter model needs ~40 GB over its six jobs: the same benchmark on the tiny DDPM
     "python benchmarks/sharding_memory.py --strategies zero3,fsdp --out docs/benchmarks/sharding_memory_cpu.jsonl":
         Spec(append="--tiny --nprocs 2", expect='"strategy": "fsdp", "nproc": 2'),
+    "python benchmarks/sharding_memory.py --strategies fsdp --nprocs 2":
+        Spec(append="--tiny", expect='"strategy": "fsdp", "nproc": 2, .*"max_stall_s"'),
+    "python benchmarks/sharding_memory.py --strategies fsdp --nprocs 2 checkpoint.async_save=true":
+        Spec(append="--tiny", expect='"strategy": "fsdp", "nproc": 2, .*"max_stall_s"'),
     "python benchmarks/zero3_gathered.py": Spec(
         append="--nprocs 2 --steps 2",
         expect=(r'"variant": "sized", "nproc": 2, [^\n]*"steady_peak_vs_model": 0\.5\d*\}\n\{[^\n]*'

@@ -25,6 +25,8 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
+from pipeline import watchdog
+
 log = logging.getLogger(__name__)
 
 
@@ -155,8 +157,6 @@ class Processes:
 def _entering_collective() -> None:
     """Counted by the hang watchdog: inside long untimed work, the rank that has entered the fewest
     collectives is the one its peers are waiting for (pipeline/watchdog.py)."""
-    from pipeline import watchdog
-
     watchdog.entering_collective()
 
 

@@ -262,8 +262,7 @@ class Watchdog:
 
     def culprit(self) -> dict:
         """The heartbeat of the rank furthest behind (this rank's own when it is alone)."""
-        beats = [beat for beat in self._beats() if beat is not None and (beat["rank"] == self.rank
-                                                                         or not beat.get("paused"))]
+        beats = [beat for beat in self._beats() if beat["rank"] == self.rank or not beat.get("paused")]
         return min(beats, key=lambda b: (b["step"], b["in_step"], b["since"], b["rank"]))
 
     def culprit_in_paused_work(self) -> dict:
